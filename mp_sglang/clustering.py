@@ -1,0 +1,114 @@
+"""K-means batched over KV heads, in plain torch: the clustering half of the reference.
+
+Every function takes `[heads, n, d]` tensors and treats the heads independently. Index building
+and the blockwise update (reference.py) are written in terms of these; the Triton k-means kernel
+computes the same assignment and mean steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def assign(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid (squared Euclidean) of every point: `[H, N, d] x [H, K, d] -> [H, N]`."""
+    dist = (
+        points.pow(2).sum(-1, keepdim=True)
+        - 2 * points @ centroids.transpose(-1, -2)
+        + centroids.pow(2).sum(-1).unsqueeze(-2)
+    )
+    return dist.argmin(dim=-1)
+
+
+def cluster_sums(
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    num_clusters: int,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster (weighted) sums of `points` and total weights (counts when unweighted)."""
+    heads, _, dim = points.shape
+    w = torch.ones(labels.shape, dtype=points.dtype) if weights is None else weights.to(points.dtype)
+    sums = torch.zeros(heads, num_clusters, dim, dtype=points.dtype)
+    sums.scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, dim), points * w.unsqueeze(-1))
+    totals = torch.zeros(heads, num_clusters, dtype=points.dtype)
+    totals.scatter_add_(1, labels, w)
+    return sums, totals
+
+
+def cluster_means(
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    num_clusters: int,
+    fallback: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of the members of each cluster; an empty cluster keeps its `fallback` row."""
+    sums, totals = cluster_sums(points, labels, num_clusters, weights)
+    means = torch.where(totals.unsqueeze(-1) > 0, sums / totals.clamp_min(1e-30).unsqueeze(-1), fallback)
+    return means, totals
+
+
+def lloyd(
+    points: torch.Tensor,
+    centroids: torch.Tensor,
+    iters: int,
+    generator: torch.Generator,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations from `centroids`; returns the final labels and their exact member means.
+
+    A cluster left empty by an iteration (other than the last) is re-seeded at a random point, as
+    the paper's k-means does, so that centroids are not wasted. The returned centroids are the
+    means of the returned labels, so counts and means always describe the assignment exactly.
+    """
+    heads, n, _ = points.shape
+    num_clusters = centroids.shape[1]
+    for it in range(iters):
+        labels = assign(points, centroids)
+        centroids, totals = cluster_means(points, labels, num_clusters, centroids, weights)
+        empty = totals == 0
+        if it < iters - 1 and bool(empty.any()):
+            picks = torch.randint(0, n, (heads, num_clusters), generator=generator)
+            reseeded = torch.gather(points, 1, picks.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
+            centroids = torch.where(empty.unsqueeze(-1), reseeded, centroids)
+    labels = assign(points, centroids)
+    centroids, _ = cluster_means(points, labels, num_clusters, centroids, weights)
+    return centroids, labels
+
+
+def kmeans(
+    points: torch.Tensor,
+    num_clusters: int,
+    iters: int,
+    generator: torch.Generator,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-means from `num_clusters` distinct random points of each head (seeded, reproducible)."""
+    heads, n, dim = points.shape
+    if not 1 <= num_clusters <= n:
+        raise ValueError(f"num_clusters must be in [1, {n}] for {n} points; got {num_clusters}")
+    picks = torch.stack([torch.randperm(n, generator=generator)[:num_clusters] for _ in range(heads)])
+    init = torch.gather(points, 1, picks.unsqueeze(-1).expand(-1, -1, dim))
+    return lloyd(points, init, iters, generator, weights)
+
+
+def block_sizes(num_tokens: int, block: int) -> list[int]:
+    """Split `num_tokens` into k-means blocks of `block` keys; the final block holds [block/2, 3/2 block).
+
+    A short remainder joins the final block rather than forming a poorly clustered block of its own.
+    """
+    full, rem = divmod(num_tokens, block)
+    if 0 < rem < block // 2 and full > 0:
+        full, rem = full - 1, rem + block
+    return [block] * full + ([rem] if rem else [])
+
+
+def clusters_for(num_tokens: int, tokens_per_cluster: int) -> int:
+    """How many clusters a block of `num_tokens` keys gets (at least one)."""
+    return max(1, num_tokens // tokens_per_cluster)
+
+
+def seeded(seed: int, salt: int) -> torch.Generator:
+    """A generator fixed by the config's seed and a position, so equal inputs cluster equally."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + salt) % (1 << 63))

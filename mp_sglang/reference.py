@@ -1,0 +1,491 @@
+"""Plain-PyTorch reference of Multipole Attention: the specification every kernel is tested against.
+
+One request, one layer, float32 on any device. Shapes: keys and values `[num_kv_heads, seq, d]`
+(keys as stored in the cache, i.e. after RoPE), a decode query `[num_q_heads, d]`. Token layout:
+
+    [0, start)                      attention sinks, always exact
+    [start, start + num_clustered)  clustered in k-means blocks; only the final block is re-clustered
+    [start + num_clustered, seq)    recent window, always exact, folded into the final block
+                                    `update_block` tokens at a time once it outgrows `recent_window`
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from mp_sglang.clustering import (
+    assign,
+    block_sizes,
+    cluster_means,
+    cluster_sums,
+    clusters_for,
+    kmeans,
+    lloyd,
+    seeded,
+)
+from mp_sglang.config import MultipoleConfig
+from mp_sglang.rope import Rope
+
+
+@dataclass(frozen=True)
+class ClusterLevel:
+    """One level of centroids. Level 0 clusters tokens; level l > 0 clusters level l-1's clusters.
+
+    centroids: `[H, C, d]` key centroids (mean of member keys, in the lookup frame).
+    value_centroids: `[H, C, d]` mean of member values.
+    counts: `[H, C]` int64 number of tokens in each cluster (0 for an empty cluster).
+    labels: level 0: `[H, num_clustered]` cluster of each clustered token;
+            level l > 0: `[H, C_{l-1}]` parent of each cluster of the level below.
+    """
+
+    centroids: torch.Tensor
+    value_centroids: torch.Tensor
+    counts: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ClusterIndex:
+    """The cluster index of one request's layer: tensors a kernel consumes plus block bookkeeping.
+
+    block_tokens: boundaries of the k-means blocks, as token offsets from `start` (first is 0).
+    block_clusters: per level, the matching boundaries in cluster ids.
+    window_keys / window_values: lookup-frame keys and raw values of the final block and the
+        recent window (tokens from `window_start` on): what the blockwise update re-clusters.
+    rope: the model's rotary embedding when the index is in the windowed-RoPE frame, else None.
+    """
+
+    levels: tuple[ClusterLevel, ...]
+    start: int
+    num_clustered: int
+    num_tokens: int
+    block_tokens: tuple[int, ...]
+    block_clusters: tuple[tuple[int, ...], ...]
+    window_start: int
+    window_keys: torch.Tensor
+    window_values: torch.Tensor
+    rope: Rope | None
+    rope_window: int
+
+    @property
+    def recent_start(self) -> int:
+        """First token of the exact recent window."""
+        return self.start + self.num_clustered
+
+
+# --------------------------------------------------------------------------- exact attention
+
+
+def dense_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Exact softmax attention of one decode query over all cached tokens (GQA aware)."""
+    mask = torch.ones(keys.shape[:2], dtype=torch.bool, device=keys.device)
+    out, _ = masked_attention(q, keys, values, mask)
+    return out
+
+
+def masked_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the tokens where `mask[kv_head, token]` is set: output `[Hq, d]`, LSE `[Hq]`.
+
+    An empty selection gives output 0 and LSE -inf, which merges as "no contribution".
+    """
+    qg = _group(q, keys.shape[0]).float()
+    logits = torch.einsum("hgd,hsd->hgs", qg, keys.float()) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    return _softmax_combine(logits, values.float().unsqueeze(1).expand(-1, qg.shape[1], -1, -1), q.shape[0])
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two softmax partials over disjoint sets into the softmax over their union."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, torch.zeros_like(lse))
+    w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse)).unsqueeze(-1)
+    w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse)).unsqueeze(-1)
+    return w_a * out_a + w_b * out_b, lse
+
+
+def _softmax_combine(
+    logits: torch.Tensor, values: torch.Tensor, num_q_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax-weighted sum of `values[h, g, n, d]` by `logits[h, g, n]`, flattened to q heads."""
+    lse = torch.logsumexp(logits, dim=-1)
+    finite = torch.isfinite(lse)
+    weights = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    out = torch.einsum("hgn,hgnd->hgd", weights, values)
+    return out.reshape(num_q_heads, -1), lse.reshape(num_q_heads)
+
+
+def _group(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    num_q_heads, dim = q.shape
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    return q.reshape(num_kv_heads, num_q_heads // num_kv_heads, dim)
+
+
+# --------------------------------------------------------------------------- index building
+
+
+def build_index(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cfg: MultipoleConfig,
+    positions: torch.Tensor | None = None,
+    rope: Rope | None = None,
+) -> ClusterIndex:
+    """Cluster a request's cached keys (after prefill) into blocks of k-means centroids.
+
+    positions: the tokens' RoPE positions (default 0..seq-1); only used with `rope`.
+    rope: the model's rotary embedding. With it and `cfg.windowed_rope`, keys are clustered
+        un-rotated to position 0 (the windowed-RoPE frame); without it keys are clustered as stored.
+    """
+    _check_kv(keys, values)
+    heads, seq, dim = keys.shape
+    frame_rope = rope if cfg.windowed_rope else None
+    if positions is None:
+        positions = torch.arange(seq, device=keys.device)
+    elif positions.shape != (seq,):
+        raise ValueError(f"positions must have shape ({seq},); got {tuple(positions.shape)}")
+    lookup_keys = _to_lookup_frame(keys.float(), positions, frame_rope)
+    start = cfg.sink_tokens
+    num_clustered = max(0, seq - start - cfg.recent_window)
+    index = ClusterIndex(
+        levels=tuple(_empty_level(heads, dim, keys.device) for _ in range(cfg.levels)),
+        start=start,
+        num_clustered=0,
+        num_tokens=seq,
+        block_tokens=(0,),
+        block_clusters=tuple((0,) for _ in range(cfg.levels)),
+        window_start=start,
+        window_keys=lookup_keys[:, start:],
+        window_values=values.float()[:, start:],
+        rope=frame_rope,
+        rope_window=cfg.rope_window,
+    )
+    for size in block_sizes(num_clustered, cfg.kmeans_block):
+        index = _append_block(index, size, cfg)
+    return index
+
+
+def update_index(
+    index: ClusterIndex, new_keys: torch.Tensor, new_values: torch.Tensor, cfg: MultipoleConfig
+) -> ClusterIndex:
+    """Account for newly generated tokens (keys as stored, after RoPE), blockwise.
+
+    New tokens join the exact recent window. Whenever the window reaches
+    `recent_window + update_block` tokens, its oldest `update_block` tokens are folded into the
+    final block: assigned to the nearest centroids (running means), `update_block //
+    tokens_per_cluster` new clusters seeded from them, then `update_iters` warm-started Lloyd
+    iterations over the final block alone. A final block grown past 3/2 `kmeans_block` is split
+    and re-clustered, so earlier blocks never change.
+    """
+    _check_kv(new_keys, new_values)
+    if new_keys.shape[0] != index.window_keys.shape[0]:
+        raise ValueError(
+            f"new_keys has {new_keys.shape[0]} heads; the index has {index.window_keys.shape[0]}"
+        )
+    count = new_keys.shape[1]
+    positions = torch.arange(index.num_tokens, index.num_tokens + count, device=new_keys.device)
+    lookup_keys = _to_lookup_frame(new_keys.float(), positions, index.rope)
+    skip = max(0, index.window_start - index.num_tokens)  # tokens still inside the sink region
+    index = replace(
+        index,
+        num_tokens=index.num_tokens + count,
+        window_keys=torch.cat([index.window_keys, lookup_keys[:, skip:]], dim=1),
+        window_values=torch.cat([index.window_values, new_values.float()[:, skip:]], dim=1),
+    )
+    while index.num_tokens - index.recent_start >= cfg.recent_window + cfg.update_block:
+        index = _fold_recent_tokens(index, cfg)
+    return index
+
+
+def _fold_recent_tokens(index: ClusterIndex, cfg: MultipoleConfig) -> ClusterIndex:
+    """Move the oldest `update_block` recent tokens into the final block and re-cluster only it."""
+    final_size = index.block_tokens[-1] - index.block_tokens[-2] if index.num_clustered else 0
+    grown = final_size + cfg.update_block
+    if final_size == 0 or grown >= cfg.kmeans_block + cfg.kmeans_block // 2:
+        index = _drop_final_block(index)
+        for size in block_sizes(grown, cfg.kmeans_block):
+            index = _append_block(index, size, cfg)
+        return index
+    old_final = _final_block_level0(index)
+    index = _drop_final_block(index)
+    return _append_block(index, grown, cfg, warm_from=old_final)
+
+
+def _append_block(
+    index: ClusterIndex, size: int, cfg: MultipoleConfig, warm_from: ClusterLevel | None = None
+) -> ClusterIndex:
+    """Cluster the `size` window tokens right after the clustered region as the new final block.
+
+    The window is then cut at this block's start: every earlier block is final.
+    """
+    offset = index.recent_start - index.window_start
+    keys = index.window_keys[:, offset : offset + size]
+    values = index.window_values[:, offset : offset + size]
+    generator = seeded(cfg.seed, index.recent_start + size)
+    if warm_from is None:
+        centroids, labels = kmeans(
+            keys, clusters_for(size, cfg.tokens_per_cluster), cfg.kmeans_iters, generator
+        )
+    else:
+        centroids, labels = _warm_recluster(keys, warm_from, cfg, generator)
+    block_levels = _block_hierarchy(centroids, labels, values, cfg, generator)
+    return replace(
+        index,
+        levels=tuple(_concat_level(old, new) for old, new in zip(index.levels, block_levels, strict=True)),
+        num_clustered=index.num_clustered + size,
+        block_tokens=index.block_tokens + (index.block_tokens[-1] + size,),
+        block_clusters=tuple(
+            bounds + (bounds[-1] + new.centroids.shape[1],)
+            for bounds, new in zip(index.block_clusters, block_levels, strict=True)
+        ),
+        window_start=index.window_start + offset,
+        window_keys=index.window_keys[:, offset:],
+        window_values=index.window_values[:, offset:],
+    )
+
+
+def _warm_recluster(
+    keys: torch.Tensor, old: ClusterLevel, cfg: MultipoleConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-cluster a grown final block starting from its previous centroids.
+
+    The newest `update_block` keys seed the extra clusters the block is now owed; the rest of
+    them join their nearest centroid as running means; then warm-started Lloyd iterations.
+    """
+    heads, size, dim = keys.shape
+    new_keys = keys[:, -cfg.update_block :]
+    extra = min(
+        max(0, clusters_for(size, cfg.tokens_per_cluster) - old.centroids.shape[1]), new_keys.shape[1]
+    )
+    order = torch.stack([torch.randperm(new_keys.shape[1], generator=generator) for _ in range(heads)])
+    seeds = torch.gather(new_keys, 1, order[:, :extra, None].expand(-1, -1, dim))
+    rest = torch.gather(new_keys, 1, order[:, extra:, None].expand(-1, -1, dim))
+    centroids = torch.cat([old.centroids, seeds], dim=1)
+    counts = torch.cat([old.counts.to(keys.dtype), torch.ones(heads, extra, dtype=keys.dtype)], dim=1)
+    sums, added = cluster_sums(rest, assign(rest, centroids), centroids.shape[1])
+    centroids = (centroids * counts.unsqueeze(-1) + sums) / (counts + added).clamp_min(1).unsqueeze(-1)
+    return lloyd(keys, centroids, cfg.update_iters, generator)
+
+
+def _block_hierarchy(
+    centroids: torch.Tensor,
+    labels: torch.Tensor,
+    values: torch.Tensor,
+    cfg: MultipoleConfig,
+    generator: torch.Generator,
+) -> list[ClusterLevel]:
+    """One block's levels, cluster ids local to the block: its token clusters, then coarser ones.
+
+    A coarse centroid is the count-weighted mean of its children, i.e. the mean of all keys under
+    it, so a coarse cluster approximates its tokens exactly as a fine one would.
+    """
+    num_clusters = centroids.shape[1]
+    value_centroids, counts = cluster_means(values, labels, num_clusters, torch.zeros_like(centroids))
+    levels = [ClusterLevel(centroids, value_centroids, counts.round().long(), labels)]
+    for _ in range(1, cfg.levels):
+        child = levels[-1]
+        weights = child.counts.to(centroids.dtype)
+        coarse = max(1, math.ceil(child.centroids.shape[1] / cfg.level_ratio))
+        parent_centroids, parents = kmeans(child.centroids, coarse, cfg.kmeans_iters, generator, weights)
+        parent_values, totals = cluster_means(
+            child.value_centroids, parents, coarse, torch.zeros_like(parent_centroids), weights
+        )
+        levels.append(ClusterLevel(parent_centroids, parent_values, totals.round().long(), parents))
+    return levels
+
+
+def _concat_level(old: ClusterLevel, new: ClusterLevel) -> ClusterLevel:
+    """Append a block's clusters to a level; the block's local ids move past the existing ones."""
+    return ClusterLevel(
+        centroids=torch.cat([old.centroids, new.centroids], dim=1),
+        value_centroids=torch.cat([old.value_centroids, new.value_centroids], dim=1),
+        counts=torch.cat([old.counts, new.counts], dim=1),
+        labels=torch.cat([old.labels, new.labels + old.centroids.shape[1]], dim=1),
+    )
+
+
+def _drop_final_block(index: ClusterIndex) -> ClusterIndex:
+    """Forget the final block's clusters; its tokens return to the (re-clusterable) window."""
+    if len(index.block_tokens) < 2:
+        return index
+    token_cut = index.block_tokens[-2]
+    cuts = [bounds[-2] for bounds in index.block_clusters]
+    levels = []
+    for lvl, level in enumerate(index.levels):
+        member_cut = token_cut if lvl == 0 else cuts[lvl - 1]
+        levels.append(
+            ClusterLevel(
+                centroids=level.centroids[:, : cuts[lvl]],
+                value_centroids=level.value_centroids[:, : cuts[lvl]],
+                counts=level.counts[:, : cuts[lvl]],
+                labels=level.labels[:, :member_cut],
+            )
+        )
+    return replace(
+        index,
+        levels=tuple(levels),
+        num_clustered=token_cut,
+        block_tokens=index.block_tokens[:-1],
+        block_clusters=tuple(bounds[:-1] for bounds in index.block_clusters),
+    )
+
+
+def _final_block_level0(index: ClusterIndex) -> ClusterLevel:
+    level = index.levels[0]
+    first = index.block_clusters[0][-2]
+    return ClusterLevel(
+        centroids=level.centroids[:, first:],
+        value_centroids=level.value_centroids[:, first:],
+        counts=level.counts[:, first:],
+        labels=level.labels[:, index.block_tokens[-2] :] - first,
+    )
+
+
+def _empty_level(heads: int, dim: int, device: torch.device) -> ClusterLevel:
+    return ClusterLevel(
+        centroids=torch.zeros(heads, 0, dim, device=device),
+        value_centroids=torch.zeros(heads, 0, dim, device=device),
+        counts=torch.zeros(heads, 0, dtype=torch.long, device=device),
+        labels=torch.zeros(heads, 0, dtype=torch.long, device=device),
+    )
+
+
+def _to_lookup_frame(keys: torch.Tensor, positions: torch.Tensor, rope: Rope | None) -> torch.Tensor:
+    """Keys as the clustering sees them: un-rotated to position 0 in the windowed-RoPE frame."""
+    return keys if rope is None else rope.rotate(keys, -positions)
+
+
+def _check_kv(keys: torch.Tensor, values: torch.Tensor) -> None:
+    if keys.dim() != 3 or keys.shape != values.shape:
+        raise ValueError(
+            "keys and values must both be [num_kv_heads, seq, head_dim]; "
+            f"got {tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one decode step attends to.
+
+    exact: `[H_kv, seq]` tokens attended exactly (sinks, recent window, selected clusters).
+    approx: per level, `[H_kv, C_l]` clusters whose centroids stand in for their tokens.
+    scores: per level, `[H_kv, G, C_l]` q·centroid / sqrt(d) in the lookup frame (G = GQA group).
+    """
+
+    exact: torch.Tensor
+    approx: tuple[torch.Tensor, ...]
+    scores: tuple[torch.Tensor, ...]
+
+
+def lookup(
+    q: torch.Tensor, index: ClusterIndex, cfg: MultipoleConfig, q_position: int | None = None
+) -> Selection:
+    """Centroid lookup and budgeted selection, coarsest level first.
+
+    Importance of cluster i for query head h is N_i exp(s_hi) normalised over the candidate
+    clusters; a GQA group ranks by the mean importance over its query heads, so one selection
+    serves the group. Clusters are taken in descending importance while their tokens fit the
+    level's budget. At a coarse level, the selected clusters' children become the next level's
+    candidates and the rest are approximated by the coarse centroids.
+    """
+    heads = index.window_keys.shape[0]
+    seq = index.num_tokens
+    exact = torch.zeros(heads, seq, dtype=torch.bool, device=q.device)
+    exact[:, : min(index.start, seq)] = True
+    exact[:, index.recent_start :] = True
+    if index.num_clustered == 0:
+        return Selection(
+            exact,
+            tuple(torch.zeros_like(lv.counts, dtype=torch.bool) for lv in index.levels),
+            tuple(torch.zeros(heads, q.shape[0] // heads, 0) for _ in index.levels),
+        )
+    position = seq - 1 if q_position is None else q_position
+    q_lookup = q.float() if index.rope is None else index.rope.rotate(q.float(), index.rope_window - position)
+    qg = _group(q_lookup, heads)
+    budget = cfg.budget_tokens(seq)
+    approx: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+    candidates = torch.ones_like(index.levels[-1].counts, dtype=torch.bool)
+    for lvl in range(len(index.levels) - 1, -1, -1):
+        level = index.levels[lvl]
+        score = torch.einsum("hgd,hcd->hgc", qg, level.centroids) / math.sqrt(q.shape[-1])
+        eligible = candidates & (level.counts > 0)
+        logits = (score + level.counts.clamp_min(1).log().unsqueeze(1)).masked_fill(
+            ~eligible.unsqueeze(1), float("-inf")
+        )
+        importance = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
+        selected = _take_within_budget(
+            importance, level.counts, eligible, budget * cfg.level_budget_multiplier**lvl
+        )
+        approx.insert(0, eligible & ~selected)
+        scores.insert(0, score)
+        candidates = selected.gather(1, level.labels)
+    exact[:, index.start : index.recent_start] = candidates
+    return Selection(exact, tuple(approx), tuple(scores))
+
+
+def _take_within_budget(
+    importance: torch.Tensor, counts: torch.Tensor, eligible: torch.Tensor, budget: float
+) -> torch.Tensor:
+    """Clusters in descending importance while their cumulative size stays within `budget`."""
+    ranked = importance.masked_fill(~eligible, -1.0)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    sizes = torch.where(eligible, counts, torch.zeros_like(counts)).gather(1, order)
+    fits = (sizes.cumsum(dim=-1) <= budget) & eligible.gather(1, order)
+    return torch.zeros_like(eligible).scatter(1, order, fits)
+
+
+def approximate_attention(
+    selection: Selection, index: ClusterIndex, num_q_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroid replacement: each approximated cluster adds N_i exp(s_i) Vc_i and N_i exp(s_i)."""
+    heads = index.window_keys.shape[0]
+    logits = torch.cat(
+        [
+            (score + level.counts.clamp_min(1).log().unsqueeze(1)).masked_fill(
+                ~mask.unsqueeze(1), float("-inf")
+            )
+            for score, level, mask in zip(selection.scores, index.levels, selection.approx, strict=True)
+        ],
+        dim=-1,
+    )
+    values = torch.cat([level.value_centroids for level in index.levels], dim=1)
+    group = num_q_heads // heads
+    return _softmax_combine(logits, values.float().unsqueeze(1).expand(-1, group, -1, -1), num_q_heads)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: ClusterIndex,
+    cfg: MultipoleConfig,
+    q_position: int | None = None,
+) -> torch.Tensor:
+    """Multipole attention of one decode query: exact part and centroid part merged by LSE.
+
+    q: `[num_q_heads, d]` after RoPE; keys/values: the request's whole cache `[H_kv, seq, d]`,
+    which the index must cover (`update_index` first). q_position defaults to seq - 1.
+    """
+    _check_kv(keys, values)
+    if keys.shape[1] != index.num_tokens:
+        raise ValueError(
+            f"the index covers {index.num_tokens} tokens but the cache holds {keys.shape[1]}; "
+            "call update_index with the new tokens first"
+        )
+    selection = lookup(q, index, cfg, q_position)
+    out_exact, lse_exact = masked_attention(q, keys, values, selection.exact)
+    out_approx, lse_approx = approximate_attention(selection, index, q.shape[0])
+    out, _ = merge_partials(out_exact, lse_exact, out_approx, lse_approx)
+    return out.to(q.dtype)

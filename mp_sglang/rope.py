@@ -1,0 +1,48 @@
+"""Rotary position embedding, enough to move keys and queries between positions.
+
+Keys sit in the KV cache already rotated to their own positions. The windowed-RoPE lookup frame
+needs them un-rotated (to position 0) and the query rotated to a fixed position, which is the same
+rotation by a different angle: RoPE(x, a) rotated by b equals RoPE(x, a + b).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rope:
+    """A model's rotary embedding: its inverse frequencies and its pairing of dimensions.
+
+    neox=True rotates dimension i with i + d/2 (Llama, Qwen, and sglang's default);
+    neox=False rotates neighbouring pairs (2i, 2i+1).
+    """
+
+    inv_freq: torch.Tensor
+    neox: bool = True
+
+    @classmethod
+    def standard(cls, head_dim: int, theta: float = 10000.0, neox: bool = True) -> Rope:
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+        return cls(inv_freq=(1.0 / theta**exponents).float(), neox=neox)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
+        """Rotate `x[..., n, d]` (or `x[..., d]`) by `positions` (shape [n], or a scalar).
+
+        Negative positions undo a rotation. Computed in float64 so that a rotation and its
+        inverse cancel to float32 rounding.
+        """
+        positions = torch.as_tensor(positions, device=x.device, dtype=torch.float64)
+        angles = positions.unsqueeze(-1) * self.inv_freq.to(device=x.device, dtype=torch.float64)
+        cos, sin = angles.cos(), angles.sin()
+        xd = x.double()
+        if self.neox:
+            half = x.shape[-1] // 2
+            x1, x2 = xd[..., :half], xd[..., half:]
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = xd[..., 0::2], xd[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        return out.to(x.dtype)
