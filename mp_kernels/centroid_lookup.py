@@ -1,0 +1,405 @@
+"""Centroid lookup: score every centroid, select clusters within the token budget, list the tokens.
+
+Three launches per decode step (one more pair per extra hierarchy level), none needing a host sync:
+
+1. `centroid_scores`: logits `s + log N` of every query head against every candidate centroid
+   (grid over requests × KV heads × centroid tiles, so the centroid bytes stream at full width).
+2. `select_within_budget`: per (request, KV head), GQA importance (softmax per query head, mean
+   over the group) and the budgeted prefix of clusters in descending importance.
+3. `expand_selection`: the exact token list, sinks + members of selected clusters + recent window.
+
+Selection without a sort: with positive sizes, the prefix "descending importance while cumulative
+size <= budget" is exactly the clusters whose key exceeds a threshold, plus a prefix (by cluster id)
+of those whose key equals it. The key is the importance's fp32 bit pattern (monotone for values
+>= 0), the threshold is found by 32 rounds of bisection over the key range, each a register-resident
+reduction. Tie rule = the reference's stable sort: equal importance, lower cluster id first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mp_kernels.dispatch import exact_dots, next_power_of_2, use_triton
+from mp_kernels.layout import BatchIndex, LevelTensors
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What the lookup hands to the sparse and replacement kernels.
+
+    token_pos `[B, H, max_exact]` int32 / token_len `[B, H]` int32: exact token list (entries past
+    token_len are 0). logits `[B, Hq, C_l]` fp32 and selected `[B, H, C_l]` int8, per level
+    (fine → coarse): candidates have finite logits; candidates not selected are approximated.
+    """
+
+    token_pos: torch.Tensor
+    token_len: torch.Tensor
+    logits: tuple[torch.Tensor, ...]
+    selected: tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One level's selection: the mask plus a compact list for expansion.
+
+    sel_ids / sel_cum `[B, H, C]` int32: the selected cluster ids in ascending order and the
+    inclusive running sum of their sizes (valid up to num_sel); num_sel / sel_tokens `[B, H]`.
+    """
+
+    selected: torch.Tensor
+    sel_ids: torch.Tensor
+    sel_cum: torch.Tensor
+    num_sel: torch.Tensor
+    sel_tokens: torch.Tensor
+
+
+def lookup(
+    q_lookup: torch.Tensor,
+    index: BatchIndex,
+    budget: torch.Tensor,
+    max_exact: int,
+    level_budget_multiplier: float = 4.0,
+    sm_scale: float | None = None,
+    backend: str | None = None,
+) -> Lookup:
+    """Centroid lookup of a batch, coarsest level first (the reference's `lookup`).
+
+    q_lookup `[B, Hq, d]`: the query in the index's frame (rotated to the lookup position under
+    windowed RoPE). budget `[B]` int32: exact tokens at level 0; level l admits
+    floor(budget * level_budget_multiplier**l). max_exact: static capacity of the token list, at
+    least sink_len + budget + recent window of every request.
+    """
+    scale = 1.0 / math.sqrt(q_lookup.shape[-1]) if sm_scale is None else sm_scale
+    num_levels = len(index.levels)
+    logits: list[torch.Tensor] = [q_lookup] * num_levels
+    selections: list[Selection] = []
+    parent_selected = None
+    for lvl in range(num_levels - 1, -1, -1):
+        level = index.levels[lvl]
+        level_budget = budget
+        if lvl:
+            level_budget = torch.floor(budget.double() * level_budget_multiplier**lvl).to(torch.int32)
+        logits[lvl] = centroid_scores(q_lookup, level, parent_selected, scale, backend)
+        selections.insert(0, select_within_budget(logits[lvl], level, level_budget, backend))
+        parent_selected = selections[0].selected
+    token_pos, token_len = expand_selection(selections[0], index, max_exact, backend)
+    return Lookup(token_pos, token_len, tuple(logits), tuple(s.selected for s in selections))
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def centroid_scores(
+    q: torch.Tensor,
+    level: LevelTensors,
+    parent_selected: torch.Tensor | None,
+    scale: float,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Logits `q·Kc * scale + log N` `[B, Hq, max_clusters]`; -inf for non-candidates.
+
+    A candidate is a non-empty cluster whose parent (if the level has parents) is selected in
+    `parent_selected [B, H, C_parent]`.
+    """
+    batch, num_q_heads, dim = q.shape
+    heads = level.counts.shape[1]
+    group = num_q_heads // heads
+    logits = torch.empty(batch, num_q_heads, level.max_clusters, dtype=torch.float32, device=q.device)
+    has_parent = parent_selected is not None and level.parent is not None
+    if not use_triton(q, backend):
+        _scores_reference(q, level, parent_selected if has_parent else None, scale, logits)
+        return logits
+    parent = level.parent if has_parent else level.counts
+    psel = parent_selected if has_parent else logits
+    block_c = 64
+    grid = (batch * heads, triton.cdiv(level.max_clusters, block_c))
+    _scores_kernel[grid](
+        q, level.centroids, level.counts, level.cluster_start, level.num_clusters, parent, psel, logits,
+        scale, heads, group, level.max_clusters,
+        q.stride(0), q.stride(1), level.centroids.stride(0), level.centroids.stride(1),
+        level.counts.stride(0), level.counts.stride(1), parent.stride(0), parent.stride(1),
+        psel.stride(0), psel.stride(1), logits.stride(0), logits.stride(1),
+        HAS_PARENT=has_parent, D=dim, G_PAD=max(16, next_power_of_2(group)), BLOCK_C=block_c,
+        IEEE=exact_dots(level.centroids.dtype), num_warps=4,
+    )
+    return logits
+
+
+def _scores_reference(
+    q: torch.Tensor,
+    level: LevelTensors,
+    parent_selected: torch.Tensor | None,
+    scale: float,
+    logits: torch.Tensor,
+) -> None:
+    heads = level.counts.shape[1]
+    logits.fill_(float("-inf"))
+    for b in range(q.shape[0]):
+        start, n = int(level.cluster_start[b]), int(level.num_clusters[b])
+        if n == 0:
+            continue
+        centroids = level.centroids[start : start + n].float().transpose(0, 1)  # [H, n, d]
+        counts = level.counts[start : start + n].t().long()  # [H, n]
+        qg = q[b].float().reshape(heads, -1, q.shape[-1])
+        score = torch.einsum("hgd,hcd->hgc", qg, centroids) * scale
+        eligible = counts > 0
+        if parent_selected is not None:
+            parents = level.parent[start : start + n].t().long()
+            eligible &= parent_selected[b].gather(1, parents) != 0
+        lg = (score + counts.clamp_min(1).float().log().unsqueeze(1)).masked_fill(
+            ~eligible.unsqueeze(1), float("-inf")
+        )
+        logits[b, :, :n] = lg.reshape(q.shape[1], n)
+
+
+@triton.jit
+def _scores_kernel(
+    q, centroids, counts, cluster_start, num_clusters, parent, parent_sel, logits,
+    scale, H, G, max_c,
+    stride_qb, stride_qh, stride_cr, stride_ch, stride_nr, stride_nh, stride_pr, stride_ph,
+    stride_psb, stride_psh, stride_lb, stride_lh,
+    HAS_PARENT: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    n = tl.load(num_clusters + b)
+    row0 = tl.load(cluster_start + b).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid = c < n
+    rows = row0 + c
+    cnt = tl.load(counts + rows * stride_nr + h * stride_nh, mask=valid, other=0)
+    eligible = valid & (cnt > 0)
+    if HAS_PARENT:
+        par = tl.load(parent + rows * stride_pr + h * stride_ph, mask=eligible, other=0)
+        psel = tl.load(parent_sel + b * stride_psb + h * stride_psh + par, mask=eligible, other=0)
+        eligible = eligible & (psel != 0)
+    d = tl.arange(0, D)
+    keys = tl.load(centroids + rows[:, None] * stride_cr + h * stride_ch + d[None, :],
+                   mask=eligible[:, None], other=0.0)
+    g = tl.arange(0, G_PAD)
+    g_mask = g < G
+    qv = tl.load(q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                 mask=g_mask[:, None], other=0.0)
+    if IEEE:
+        score = tl.dot(qv.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
+    else:
+        score = tl.dot(qv.to(keys.dtype), tl.trans(keys))
+    lg = score * scale + tl.log(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+    lg = tl.where(eligible[None, :], lg, float("-inf"))
+    tl.store(logits + b * stride_lb + (h * G + g)[:, None] * stride_lh + c[None, :], lg,
+             mask=g_mask[:, None] & (c < max_c)[None, :])
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_within_budget(
+    logits: torch.Tensor, level: LevelTensors, budget: torch.Tensor, backend: str | None = None
+) -> Selection:
+    """Budgeted selection of one level from its logits (see the module doc for the method)."""
+    batch, num_q_heads, max_c = logits.shape
+    heads = level.counts.shape[1]
+    dev = logits.device
+    selected = torch.empty(batch, heads, max_c, dtype=torch.int8, device=dev)
+    sel_ids = torch.zeros(batch, heads, max_c, dtype=torch.int32, device=dev)
+    sel_cum = torch.zeros(batch, heads, max_c, dtype=torch.int32, device=dev)
+    num_sel = torch.empty(batch, heads, dtype=torch.int32, device=dev)
+    sel_tokens = torch.empty(batch, heads, dtype=torch.int32, device=dev)
+    out = Selection(selected, sel_ids, sel_cum, num_sel, sel_tokens)
+    if not use_triton(logits, backend):
+        _select_reference(logits, level, budget, out)
+        return out
+    block_c = next_power_of_2(max_c)
+    _select_kernel[(batch * heads,)](
+        logits, level.counts, level.cluster_start, budget, selected, sel_ids, sel_cum, num_sel, sel_tokens,
+        heads, num_q_heads // heads, max_c,
+        logits.stride(0), logits.stride(1), level.counts.stride(0), level.counts.stride(1),
+        selected.stride(0), selected.stride(1),
+        BLOCK_C=block_c, num_warps=max(4, min(16, block_c // 256)),
+    )
+    return out
+
+
+def _select_reference(
+    logits: torch.Tensor, level: LevelTensors, budget: torch.Tensor, out: Selection
+) -> None:
+    batch, num_q_heads, max_c = logits.shape
+    heads = level.counts.shape[1]
+    out.selected.zero_()
+    for b in range(batch):
+        start = int(level.cluster_start[b])
+        lg = logits[b].reshape(heads, num_q_heads // heads, max_c)
+        importance = torch.softmax(lg, dim=-1).nan_to_num(0.0).mean(dim=1)  # [H, C]
+        eligible = lg[:, 0] > float("-inf")
+        counts = torch.zeros(heads, max_c, dtype=torch.long, device=logits.device)
+        n = int(level.num_clusters[b])
+        counts[:, :n] = level.counts[start : start + n].t().long()
+        ranked = importance.masked_fill(~eligible, -1.0)
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+        sizes = torch.where(eligible, counts, 0).gather(1, order)
+        fits = (sizes.cumsum(-1) <= int(budget[b])) & eligible.gather(1, order)
+        selected = torch.zeros_like(eligible).scatter(1, order, fits)
+        out.selected[b] = selected.to(torch.int8)
+        for h in range(heads):
+            ids = torch.nonzero(selected[h]).flatten()
+            out.sel_ids[b, h, : len(ids)] = ids.to(torch.int32)
+            out.sel_cum[b, h, : len(ids)] = counts[h, ids].cumsum(0).to(torch.int32)
+            out.num_sel[b, h] = len(ids)
+            out.sel_tokens[b, h] = int(counts[h, ids].sum())
+
+
+@triton.jit
+def _select_kernel(
+    logits, counts, cluster_start, budget, selected, sel_ids, sel_cum, num_sel, sel_tokens,
+    H, G, max_c,
+    stride_lb, stride_lh, stride_nr, stride_nh, stride_sb, stride_sh,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    c = tl.arange(0, BLOCK_C)
+    in_range = c < max_c
+    base = logits + b * stride_lb + h * G * stride_lh
+    importance = tl.zeros([BLOCK_C], tl.float32)
+    for g in range(G):
+        row = tl.load(base + g * stride_lh + c, mask=in_range, other=float("-inf"))
+        top = tl.max(row, axis=0)
+        p = tl.exp(row - tl.where(top == float("-inf"), 0.0, top))
+        total = tl.sum(p, axis=0)
+        importance += p / tl.where(total == 0.0, 1.0, total)
+    importance = importance / G
+    eligible = tl.load(base + c, mask=in_range, other=float("-inf")) > float("-inf")
+    row0 = tl.load(cluster_start + b).to(tl.int64)
+    sizes = tl.load(counts + (row0 + c) * stride_nr + h * stride_nh, mask=eligible, other=0)
+    key = tl.where(eligible, importance.to(tl.int32, bitcast=True), -1)
+    cap = tl.load(budget + b)
+
+    # Largest key value v whose clusters (key >= v) together exceed the budget.
+    lo = tl.zeros([], tl.int32) - 1
+    hi = tl.zeros([], tl.int32) + 0x7F800001
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        over = tl.sum(tl.where(key >= mid, sizes, 0), axis=0) > cap
+        lo = tl.where(over, mid, lo)
+        hi = tl.where(over, hi, mid)
+    above = key > lo
+    taken = tl.sum(tl.where(above, sizes, 0), axis=0)
+    tied = key == lo
+    chosen = above | (tied & (taken + tl.cumsum(tl.where(tied, sizes, 0), axis=0) <= cap))
+    chosen = tl.where(tl.sum(sizes, axis=0) <= cap, eligible, chosen)
+
+    out = b * stride_sb + h * stride_sh
+    tl.store(selected + out + c, chosen.to(tl.int8), mask=in_range)
+    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    chosen_sizes = tl.where(chosen, sizes, 0)
+    tl.store(sel_ids + out + slot, c, mask=chosen)
+    tl.store(sel_cum + out + slot, tl.cumsum(chosen_sizes, axis=0), mask=chosen)
+    tl.store(num_sel + pid, tl.sum(chosen.to(tl.int32), axis=0))
+    tl.store(sel_tokens + pid, tl.sum(chosen_sizes, axis=0))
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def expand_selection(
+    selection: Selection, index: BatchIndex, max_exact: int, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact token list `[B, H, max_exact]`: sinks, members of selected clusters, recent window."""
+    batch, heads, max_c = selection.selected.shape
+    dev = selection.selected.device
+    token_pos = torch.empty(batch, heads, max_exact, dtype=torch.int32, device=dev)
+    token_len = torch.empty(batch, heads, dtype=torch.int32, device=dev)
+    if not use_triton(selection.selected, backend):
+        _expand_reference(selection, index, token_pos, token_len)
+        return token_pos, token_len
+    level = index.levels[0]
+    block = 256
+    _expand_kernel[(batch * heads, triton.cdiv(max_exact, block))](
+        selection.sel_ids, selection.sel_cum, selection.num_sel, selection.sel_tokens,
+        level.counts, level.cluster_start, index.member_start, index.members,
+        index.sink_len, index.recent_start, index.seq_lens, token_pos, token_len,
+        heads, max_exact,
+        selection.sel_ids.stride(0), selection.sel_ids.stride(1),
+        level.counts.stride(0), level.counts.stride(1),
+        index.member_start.stride(0), index.member_start.stride(1),
+        index.members.stride(0), index.members.stride(1), token_pos.stride(0), token_pos.stride(1),
+        BLOCK=block, SEARCH_STEPS=max_c.bit_length() + 1, num_warps=4,
+    )
+    return token_pos, token_len
+
+
+def _expand_reference(
+    selection: Selection, index: BatchIndex, token_pos: torch.Tensor, token_len: torch.Tensor
+) -> None:
+    level = index.levels[0]
+    batch, heads, _ = selection.selected.shape
+    cap = token_pos.shape[-1]
+    token_pos.zero_()
+    for b in range(batch):
+        sink = torch.arange(int(index.sink_len[b]))
+        recent_start = int(index.recent_start[b])
+        recent = torch.arange(recent_start, max(int(index.seq_lens[b]), recent_start))
+        for h in range(heads):
+            parts = [sink]
+            for cid in selection.sel_ids[b, h, : int(selection.num_sel[b, h])].tolist():
+                row = int(level.cluster_start[b]) + cid
+                first = int(index.member_start[row, h])
+                parts.append(index.members[first : first + int(level.counts[row, h]), h].long().cpu())
+            parts.append(recent)
+            tokens = torch.cat(parts)
+            token_len[b, h] = len(tokens)
+            token_pos[b, h, : min(len(tokens), cap)] = tokens[:cap].to(torch.int32)
+
+
+@triton.jit
+def _expand_kernel(
+    sel_ids, sel_cum, num_sel, sel_tokens, counts, cluster_start, member_start, members,
+    sink_len, recent_start, seq_lens, token_pos, token_len,
+    H, cap,
+    stride_sb, stride_sh, stride_nr, stride_nh, stride_msr, stride_msh, stride_mr, stride_mh,
+    stride_pb, stride_ph,
+    BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = pid // H
+    h = pid % H
+    j = tile * BLOCK + tl.arange(0, BLOCK)
+    n_sel = tl.load(num_sel + pid)
+    sel_len = tl.load(sel_tokens + pid)
+    n_sink = tl.load(sink_len + b)
+    recent = tl.load(recent_start + b)
+    total = n_sink + sel_len + tl.maximum(tl.load(seq_lens + b) - recent, 0)
+    k = j - n_sink
+    in_sel = (k >= 0) & (k < sel_len)
+
+    # Which selected cluster holds list entry k: the first with running size > k (lower bound).
+    sel_base = b * stride_sb + h * stride_sh
+    lo = tl.zeros([BLOCK], tl.int32)
+    hi = tl.zeros([BLOCK], tl.int32) + n_sel
+    for _ in range(SEARCH_STEPS):
+        active = in_sel & (lo < hi)
+        mid = (lo + hi) // 2
+        right = tl.load(sel_cum + sel_base + mid, mask=active, other=0) <= k
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    cid = tl.load(sel_ids + sel_base + lo, mask=in_sel, other=0)
+    end = tl.load(sel_cum + sel_base + lo, mask=in_sel, other=0)
+    row = tl.load(cluster_start + b).to(tl.int64) + cid
+    size = tl.load(counts + row * stride_nr + h * stride_nh, mask=in_sel, other=0)
+    first = tl.load(member_start + row * stride_msr + h * stride_msh, mask=in_sel, other=0)
+    member = tl.load(members + (first + k - (end - size)).to(tl.int64) * stride_mr + h * stride_mh,
+                     mask=in_sel, other=0)
+    pos = tl.where(j < n_sink, j, tl.where(in_sel, member, recent + k - sel_len))
+    pos = tl.where(j < total, pos, 0)
+    tl.store(token_pos + b * stride_pb + h * stride_ph + j, pos, mask=j < cap)
+    if tile == 0:
+        tl.store(token_len + pid, total)

@@ -1,0 +1,58 @@
+"""One Multipole decode step for a batch: lookup, exact part, approximate part, merge.
+
+This composes the four kernel modules exactly as `mp_sglang.reference.decode_attention` composes
+its steps, so it is both the end-to-end check of the kernels and the call an attention backend
+makes. All sizes that shape a launch are static arguments (CUDA-graph capture works).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mp_kernels._softmax import SPLIT_ALIGN
+from mp_kernels.centroid_lookup import lookup
+from mp_kernels.centroid_replace import centroid_replace, merge_partials
+from mp_kernels.layout import BatchIndex, PagedKV
+from mp_kernels.sparse_decode import sparse_decode
+
+
+def default_splits(batch: int, heads: int, max_len: int, num_sms: int = 132) -> int:
+    """Splits per (request, KV head) so that about two waves of programs cover the GPU."""
+    wanted = -(-2 * num_sms // max(1, batch * heads))
+    return max(1, min(wanted, -(-max_len // SPLIT_ALIGN)))
+
+
+def multipole_decode(
+    q: torch.Tensor,
+    q_lookup: torch.Tensor,
+    kv: PagedKV,
+    index: BatchIndex,
+    budget: torch.Tensor,
+    max_exact: int,
+    exact_splits: int | None = None,
+    approx_splits: int | None = None,
+    level_budget_multiplier: float = 4.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multipole attention output `[B, Hq, d]` (dtype of q) for decode queries `q [B, Hq, d]`.
+
+    q_lookup: q in the index's frame (equal to q without windowed RoPE). budget `[B]` int32 tokens;
+    max_exact >= sinks + budget + recent window for every request (see `lookup`).
+    """
+    batch, num_q_heads, dim = q.shape
+    heads = kv.k_buffer.shape[1]
+    found = lookup(q_lookup, index, budget, max_exact, level_budget_multiplier, backend=backend)
+    exact_splits = exact_splits or default_splits(batch, heads, max_exact)
+    approx_splits = approx_splits or default_splits(batch, heads, index.levels[0].max_clusters)
+    parts = exact_splits + approx_splits * len(index.levels)
+    out_ws = torch.empty(batch, num_q_heads, parts, dim, dtype=torch.float32, device=q.device)
+    lse_ws = torch.empty(batch, num_q_heads, parts, dtype=torch.float32, device=q.device)
+    sparse_decode(q, kv, found.token_pos, found.token_len, exact_splits,
+                  out=out_ws[:, :, :exact_splits], lse=lse_ws[:, :, :exact_splits], backend=backend)
+    for lvl, level in enumerate(index.levels):
+        lo = exact_splits + lvl * approx_splits
+        centroid_replace(found.logits[lvl], found.selected[lvl], level, approx_splits,
+                         out=out_ws[:, :, lo : lo + approx_splits], lse=lse_ws[:, :, lo : lo + approx_splits],
+                         backend=backend)
+    out, _ = merge_partials(out_ws, lse_ws, q.dtype, backend=backend)
+    return out

@@ -1,0 +1,33 @@
+"""Choosing between a Triton kernel and its plain-torch reference.
+
+Every public kernel function takes `backend`: "triton", "torch", or None (auto). Auto runs Triton on
+CUDA tensors and the torch reference elsewhere, so CPU callers never need Triton; tests ask for
+"triton" on the CPU under `TRITON_INTERPRET=1` to run the real kernels in the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+BACKENDS = ("triton", "torch")
+
+
+def use_triton(tensor: torch.Tensor, backend: str | None) -> bool:
+    """Whether to run the Triton kernel for inputs living where `tensor` lives."""
+    if backend is None:
+        return tensor.is_cuda
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
+    return backend == "triton"
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= max(n, 1): Triton block sizes must be powers of two."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def exact_dots(dtype: torch.dtype) -> bool:
+    """Whether kernels must multiply in fp32 ("ieee"): for fp32 inputs (tf32 would cost ~1e-3), and
+    always in Triton's CPU interpreter, whose bf16/fp16 `tl.dot` is wrong (Triton 3.6)."""
+    return dtype == torch.float32 or triton.knobs.runtime.interpret
