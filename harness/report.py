@@ -1,0 +1,141 @@
+"""Summaries, markdown tables and plots of runs, all rebuilt from each run's samples.jsonl."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+from harness import results  # noqa: E402
+from harness.judge import judge_stats  # noqa: E402
+from harness.tasks import get_task  # noqa: E402
+
+
+def summarize(run: results.RunDir) -> dict[str, Any]:
+    """Scores with the judge (regex fallback) and with the regex alone, judge statistics, cost."""
+    config = run.read_json(results.CONFIG)
+    cfg = config["run"]
+    utils = get_task(cfg["task"]).utils()
+    records = run.samples()
+    if not records:
+        raise ValueError(f"{run.path}: no finished samples yet")
+    return {
+        "run_id": run.path.name,
+        "task": cfg["task"],
+        "engine": cfg["engine"],
+        "model": config.get("served_model") or cfg["model"],
+        "attention_backend": cfg["attention_backend"],
+        "judge": cfg["judge"],
+        "data": config["task_metadata"].get("data"),
+        "limit": cfg["limit"],
+        "samples": len(records),
+        "scores": utils.summarize(records, "correct"),
+        "scores_regex": utils.summarize(records, "correct_regex"),
+        "judge_stats": judge_stats(records),
+        "completion_tokens": sum(r["completion_tokens"] or 0 for r in records),
+        "generation_seconds": round(sum(r["seconds"] for r in records), 1),
+    }
+
+
+def label(summary: dict[str, Any]) -> str:
+    flavour = summary["attention_backend"] or summary["engine"]
+    return f"{summary['run_id']} ({flavour})"
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(summaries: list[dict[str, Any]]) -> str:
+    """One table over all runs: per run, rows scored with the judge and with the regex parser."""
+    rows = []
+    for s in summaries:
+        utils = get_task(s["task"]).utils()
+        variants = (
+            [("judge", "scores"), ("regex", "scores_regex")]
+            if s["judge"] != "none"
+            else [("regex", "scores")]
+        )
+        for parser, key in variants:
+            rows += [{"run": label(s), "parser": parser, **row} for row in utils.table_rows(s[key])]
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def judge_table(summaries: list[dict[str, Any]]) -> str:
+    stats = [(label(s), s["judge_stats"]) for s in summaries]
+    keys = list(stats[0][1])
+    lines = ["| run | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    lines += [f"| {name} | " + " | ".join(str(st[k]) for k in keys) + " |" for name, st in stats]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy vs. op count (GSM-Infinite) or the breakdown bars (LongBench v2), one colour per run."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(summaries)
+    for i, s in enumerate(summaries):
+        data = get_task(s["task"]).utils().plot_data(s["scores"])
+        for name, (xs, ys) in data["series"].items():
+            if data["kind"] == "bar":
+                ax.bar([j + i * width for j in range(len(xs))], ys, width, label=label(s))
+                ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], xs)
+            else:
+                ax.plot(xs, ys, marker="o", label=f"{label(s)} {name}")
+        ax.set_xlabel(data["xlabel"])
+        ax.set_ylabel(data["ylabel"])
+    ax.set_title(", ".join(sorted({s["task"] for s in summaries})))
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(run: results.RunDir) -> dict[str, Any]:
+    """summary.json, table.md and plots/accuracy.png for one run."""
+    summary = summarize(run)
+    run.write_json(results.SUMMARY, summary)
+    run.file(results.TABLE).write_text(render([summary]))
+    plot([summary], run.file(results.PLOTS) / "accuracy.png")
+    return summary
+
+
+def render(summaries: list[dict[str, Any]]) -> str:
+    return (
+        markdown_table(summaries)
+        + "\nJudge (answers parsed by the judge model vs. the regex parser):\n\n"
+        + judge_table(summaries)
+    )
+
+
+def compare(a: results.RunDir, b: results.RunDir, out: Path) -> str:
+    """Side-by-side table, headline deltas (B - A) and an overlaid plot, written to `out`."""
+    sa, sb = summarize(a), summarize(b)
+    if sa["task"] != sb["task"]:
+        raise ValueError(f"cannot compare {sa['task']} with {sb['task']}")
+    utils = get_task(sa["task"]).utils()
+    ha, hb = utils.headline(sa["scores"]), utils.headline(sb["scores"])
+    delta = ["| metric | " + label(sa) + " | " + label(sb) + " | B - A |", "|---|---|---|---|"]
+    for k in ha:
+        va, vb = ha[k], hb.get(k)
+        diff = None if va is None or vb is None else round(vb - va, 4)
+        delta.append(f"| {k} | {_cell(va)} | {_cell(vb)} | {_cell(diff)} |")
+    text = "\n".join(delta) + "\n\n" + render([sa, sb])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / results.TABLE).write_text(text)
+    plot([sa, sb], out / "accuracy.png")
+    return text

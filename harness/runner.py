@@ -1,0 +1,235 @@
+"""One evaluation run: lm-eval tasks in, one judged sample per line out, resumable at any point.
+
+lm-eval supplies the tasks (our YAMLs: data loading, prompt rendering, generation defaults); the
+runner owns the request loop instead of `lm_eval.simple_evaluate`, because lm-eval only writes
+samples once a whole task is done, while a resumable run must persist each sample as it finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from harness import results
+from harness.client import ChatClient, openai_params
+from harness.engines import EngineOptions, get_engine, open_endpoint, resolve_model
+from harness.judge import Judge, digest, parse_output
+from harness.tasks import get_task, tasks_path
+
+log = logging.getLogger(__name__)
+
+# Fields that must match for --resume to continue a run (anything else, e.g. --limit, may change).
+RESUME_KEYS = (
+    "task",
+    "engine",
+    "model",
+    "attention_backend",
+    "data",
+    "metadata",
+    "gen_kwargs",
+    "seed",
+    "judge",
+    "judge_model",
+    "judge_max_tokens",
+)
+CHAT_TEMPLATE_HEADROOM = 64  # tokens the server's chat template may add around the truncated prompt
+
+
+@dataclass
+class RunConfig:
+    task: str
+    engine: str = "llamacpp"
+    model: str | None = None
+    attention_backend: str | None = None
+    url: str | None = None
+    max_model_len: int | None = None
+    server_args: list[str] = field(default_factory=list)
+    data: str = "auto"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+    seed: int = 0
+    judge: str = "self"  # self | none | launch | an OpenAI-compatible URL
+    judge_model: str | None = None
+    judge_attention_backend: str | None = None
+    judge_server_args: list[str] = field(default_factory=list)
+    judge_max_tokens: int = 128
+    judge_cache: str | None = None
+    server_timeout_s: float = 900.0
+
+
+def engine_options(cfg: RunConfig) -> EngineOptions:
+    return EngineOptions(
+        model=cfg.model,
+        attention_backend=cfg.attention_backend,
+        max_model_len=cfg.max_model_len,
+        seed=cfg.seed,
+        server_args=list(cfg.server_args),
+    )
+
+
+def task_metadata(cfg: RunConfig) -> dict[str, Any]:
+    """lm-eval task metadata: task defaults, then --metadata, then --data, then truncation settings."""
+    spec = get_task(cfg.task)
+    metadata = {**spec.default_metadata, **cfg.metadata, "data": cfg.data}
+    if spec.truncates_prompt and "max_len" not in metadata and cfg.url is None:
+        engine = get_engine(cfg.engine)
+        window = engine.context_length(engine_options(cfg))
+        if window is None:
+            raise ValueError(f"{cfg.task} truncates prompts to the model window: give --max-model-len")
+        max_gen = int(cfg.gen_kwargs.get("max_gen_toks", spec.default_max_gen_toks))
+        metadata["max_len"] = window - max_gen - CHAT_TEMPLATE_HEADROOM
+        metadata["tokenizer"] = engine.tokenizer(resolve_model(engine, engine_options(cfg)))
+    if metadata.get("max_len") is not None and metadata["max_len"] <= 0:
+        raise ValueError(
+            f"prompt budget max_len={metadata['max_len']} <= 0: raise --max-model-len or lower max_gen_toks"
+        )
+    return metadata
+
+
+def load_tasks(cfg: RunConfig, metadata: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval Task objects for this run, by lm-eval task name, in the benchmark's order."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    names = get_task(cfg.task).lm_eval_tasks(metadata)
+    manager = TaskManager(include_path=str(tasks_path()), include_defaults=False, metadata=metadata)
+    loaded = get_task_dict(names, manager)
+    return {name: loaded[name] for name in names}
+
+
+def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
+    current = asdict(cfg)
+    changed = [k for k in RESUME_KEYS if saved["run"].get(k) != current.get(k)]
+    if changed:
+        detail = ", ".join(f"{k}: {saved['run'].get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ValueError(f"--resume needs the same settings as the original run; changed: {detail}")
+
+
+@contextlib.contextmanager
+def _judge(cfg: RunConfig, target: ChatClient, run: results.RunDir, info: dict[str, Any]):
+    """The judge endpoint this run asks: none, the target itself, a second launched server, or a URL."""
+    if cfg.judge == "none":
+        yield None
+        return
+    cache = Path(cfg.judge_cache) if cfg.judge_cache else run.path.parent / ".judge_cache"
+    params = {**openai_params({"max_gen_toks": cfg.judge_max_tokens, "do_sample": False}), "seed": cfg.seed}
+    if cfg.judge == "self":
+        yield Judge(target, cache, params)
+        return
+    if cfg.judge == "launch":
+        opts = EngineOptions(
+            model=cfg.judge_model or cfg.model,
+            attention_backend=cfg.judge_attention_backend,
+            max_model_len=cfg.max_model_len,
+            seed=cfg.seed,
+            server_args=list(cfg.judge_server_args),
+        )
+        with open_endpoint(
+            cfg.engine,
+            opts,
+            run.file(results.JUDGE_LOG),
+            timeout_s=cfg.server_timeout_s,
+            on_launch=lambda cmd: info.__setitem__("judge_command", cmd),
+        ) as client:
+            yield Judge(client, cache, params)
+        return
+    client = ChatClient(cfg.judge, model=cfg.judge_model)
+    yield Judge(client, cache, params)
+
+
+def _record(
+    task_name: str,
+    index: int,
+    key: str,
+    messages: list,
+    completion,
+    seconds: float,
+    parsed: dict[str, Any],
+    utils,
+    doc: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "task": task_name,
+        "doc_index": index,
+        "prompt_hash": digest(messages),
+        "output": completion.text,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "seconds": round(seconds, 3),
+        "gold": utils.gold(doc),
+        "groups": utils.groups(doc),
+        **parsed,
+    }
+
+
+def execute(cfg: RunConfig, run: results.RunDir, resume: bool = False, progress: bool = True) -> int:
+    """Run (or continue) the evaluation; returns how many samples this call added."""
+    spec = get_task(cfg.task)
+    utils = spec.utils()
+    if run.exists() and not resume:
+        raise FileExistsError(
+            f"{run.path} already holds a run: pass --resume to continue it, or a new --run-id"
+        )
+    if resume:
+        if not run.exists():
+            raise FileNotFoundError(f"--resume: no run at {run.path}")
+        check_resumable(run.read_json(results.CONFIG), cfg)
+    run.path.mkdir(parents=True, exist_ok=True)
+    metadata = task_metadata(cfg)
+    tasks = load_tasks(cfg, metadata)
+    done = {r["key"] for r in run.samples()}
+    info: dict[str, Any] = {
+        "run": asdict(cfg),
+        "task_metadata": metadata,
+        "lm_eval_tasks": list(tasks),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if resume:
+        info = {**run.read_json(results.CONFIG), "resumed": info["started"], "run": asdict(cfg)}
+    work = []
+    for name, task in tasks.items():
+        docs = list(task.eval_docs)
+        for index, doc in enumerate(docs[: cfg.limit] if cfg.limit else docs):
+            key = f"{name}:{utils.sample_key(doc)}"
+            if key not in done:
+                work.append((name, task, index, key, doc))
+    total = len(work) + len(done)
+    run.write_json(results.CONFIG, info)
+    added = 0
+    opts = engine_options(cfg)
+    with (
+        open_endpoint(
+            cfg.engine,
+            opts,
+            run.file(results.SERVER_LOG),
+            url=cfg.url,
+            timeout_s=cfg.server_timeout_s,
+            on_launch=lambda cmd: info.__setitem__("server_command", cmd),
+        ) as target,
+        _judge(cfg, target, run, info) as judge,
+    ):
+        info["served_model"] = target.model
+        info["judge_model_served"] = judge.client.model if judge else None
+        run.write_json(results.CONFIG, info)
+        bar = tqdm(total=total, initial=len(done), desc=cfg.task, unit="sample", disable=not progress)
+        for name, task, index, key, doc in work:
+            params = openai_params({**task.config.generation_kwargs, **cfg.gen_kwargs, "seed": cfg.seed})
+            messages = utils.chat_messages(doc, task.doc_to_text(doc))
+            start = time.monotonic()
+            completion = target.chat(messages, **params)
+            parsed = parse_output(utils, doc, completion.text, judge)
+            run.append_sample(
+                _record(name, index, key, messages, completion, time.monotonic() - start, parsed, utils, doc)
+            )
+            added += 1
+            bar.update(1)
+        bar.close()
+    return added
