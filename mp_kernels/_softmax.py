@@ -62,4 +62,3 @@ def split_bounds(length: int, num_splits: int, split: int) -> tuple[int, int]:
     chunk = -(-per_split // SPLIT_ALIGN) * SPLIT_ALIGN
     lo = min(split * chunk, length)
     return lo, min(lo + chunk, length)
-

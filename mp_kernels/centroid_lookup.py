@@ -119,13 +119,36 @@ def centroid_scores(
     block_c = 64
     grid = (batch * heads, triton.cdiv(level.max_clusters, block_c))
     _scores_kernel[grid](
-        q, level.centroids, level.counts, level.cluster_start, level.num_clusters, parent, psel, logits,
-        scale, heads, group, level.max_clusters,
-        q.stride(0), q.stride(1), level.centroids.stride(0), level.centroids.stride(1),
-        level.counts.stride(0), level.counts.stride(1), parent.stride(0), parent.stride(1),
-        psel.stride(0), psel.stride(1), logits.stride(0), logits.stride(1),
-        HAS_PARENT=has_parent, D=dim, G_PAD=max(16, next_power_of_2(group)), BLOCK_C=block_c,
-        IEEE=exact_dots(level.centroids.dtype), num_warps=4,
+        q,
+        level.centroids,
+        level.counts,
+        level.cluster_start,
+        level.num_clusters,
+        parent,
+        psel,
+        logits,
+        scale,
+        heads,
+        group,
+        level.max_clusters,
+        q.stride(0),
+        q.stride(1),
+        level.centroids.stride(0),
+        level.centroids.stride(1),
+        level.counts.stride(0),
+        level.counts.stride(1),
+        parent.stride(0),
+        parent.stride(1),
+        psel.stride(0),
+        psel.stride(1),
+        logits.stride(0),
+        logits.stride(1),
+        HAS_PARENT=has_parent,
+        D=dim,
+        G_PAD=max(16, next_power_of_2(group)),
+        BLOCK_C=block_c,
+        IEEE=exact_dots(level.centroids.dtype),
+        num_warps=4,
     )
     return logits
 
@@ -159,11 +182,34 @@ def _scores_reference(
 
 @triton.jit
 def _scores_kernel(
-    q, centroids, counts, cluster_start, num_clusters, parent, parent_sel, logits,
-    scale, H, G, max_c,
-    stride_qb, stride_qh, stride_cr, stride_ch, stride_nr, stride_nh, stride_pr, stride_ph,
-    stride_psb, stride_psh, stride_lb, stride_lh,
-    HAS_PARENT: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    q,
+    centroids,
+    counts,
+    cluster_start,
+    num_clusters,
+    parent,
+    parent_sel,
+    logits,
+    scale,
+    H,
+    G,
+    max_c,
+    stride_qb,
+    stride_qh,
+    stride_cr,
+    stride_ch,
+    stride_nr,
+    stride_nh,
+    stride_pr,
+    stride_ph,
+    stride_psb,
+    stride_psh,
+    stride_lb,
+    stride_lh,
+    HAS_PARENT: tl.constexpr,
+    D: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -181,20 +227,25 @@ def _scores_kernel(
         psel = tl.load(parent_sel + b * stride_psb + h * stride_psh + par, mask=eligible, other=0)
         eligible = eligible & (psel != 0)
     d = tl.arange(0, D)
-    keys = tl.load(centroids + rows[:, None] * stride_cr + h * stride_ch + d[None, :],
-                   mask=eligible[:, None], other=0.0)
+    keys = tl.load(
+        centroids + rows[:, None] * stride_cr + h * stride_ch + d[None, :], mask=eligible[:, None], other=0.0
+    )
     g = tl.arange(0, G_PAD)
     g_mask = g < G
-    qv = tl.load(q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
-                 mask=g_mask[:, None], other=0.0)
+    qv = tl.load(
+        q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0
+    )
     if IEEE:
         score = tl.dot(qv.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
     else:
         score = tl.dot(qv.to(keys.dtype), tl.trans(keys))
     lg = score * scale + tl.log(tl.maximum(cnt, 1).to(tl.float32))[None, :]
     lg = tl.where(eligible[None, :], lg, float("-inf"))
-    tl.store(logits + b * stride_lb + (h * G + g)[:, None] * stride_lh + c[None, :], lg,
-             mask=g_mask[:, None] & (c < max_c)[None, :])
+    tl.store(
+        logits + b * stride_lb + (h * G + g)[:, None] * stride_lh + c[None, :],
+        lg,
+        mask=g_mask[:, None] & (c < max_c)[None, :],
+    )
 
 
 # --------------------------------------------------------------------------- selection
@@ -218,11 +269,26 @@ def select_within_budget(
         return out
     block_c = next_power_of_2(max_c)
     _select_kernel[(batch * heads,)](
-        logits, level.counts, level.cluster_start, budget, selected, sel_ids, sel_cum, num_sel, sel_tokens,
-        heads, num_q_heads // heads, max_c,
-        logits.stride(0), logits.stride(1), level.counts.stride(0), level.counts.stride(1),
-        selected.stride(0), selected.stride(1),
-        BLOCK_C=block_c, num_warps=max(4, min(16, block_c // 256)),
+        logits,
+        level.counts,
+        level.cluster_start,
+        budget,
+        selected,
+        sel_ids,
+        sel_cum,
+        num_sel,
+        sel_tokens,
+        heads,
+        num_q_heads // heads,
+        max_c,
+        logits.stride(0),
+        logits.stride(1),
+        level.counts.stride(0),
+        level.counts.stride(1),
+        selected.stride(0),
+        selected.stride(1),
+        BLOCK_C=block_c,
+        num_warps=max(4, min(16, block_c // 256)),
     )
     return out
 
@@ -257,9 +323,24 @@ def _select_reference(
 
 @triton.jit
 def _select_kernel(
-    logits, counts, cluster_start, budget, selected, sel_ids, sel_cum, num_sel, sel_tokens,
-    H, G, max_c,
-    stride_lb, stride_lh, stride_nr, stride_nh, stride_sb, stride_sh,
+    logits,
+    counts,
+    cluster_start,
+    budget,
+    selected,
+    sel_ids,
+    sel_cum,
+    num_sel,
+    sel_tokens,
+    H,
+    G,
+    max_c,
+    stride_lb,
+    stride_lh,
+    stride_nr,
+    stride_nh,
+    stride_sb,
+    stride_sh,
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -323,15 +404,34 @@ def expand_selection(
     level = index.levels[0]
     block = 256
     _expand_kernel[(batch * heads, triton.cdiv(max_exact, block))](
-        selection.sel_ids, selection.sel_cum, selection.num_sel, selection.sel_tokens,
-        level.counts, level.cluster_start, index.member_start, index.members,
-        index.sink_len, index.recent_start, index.seq_lens, token_pos, token_len,
-        heads, max_exact,
-        selection.sel_ids.stride(0), selection.sel_ids.stride(1),
-        level.counts.stride(0), level.counts.stride(1),
-        index.member_start.stride(0), index.member_start.stride(1),
-        index.members.stride(0), index.members.stride(1), token_pos.stride(0), token_pos.stride(1),
-        BLOCK=block, SEARCH_STEPS=max_c.bit_length() + 1, num_warps=4,
+        selection.sel_ids,
+        selection.sel_cum,
+        selection.num_sel,
+        selection.sel_tokens,
+        level.counts,
+        level.cluster_start,
+        index.member_start,
+        index.members,
+        index.sink_len,
+        index.recent_start,
+        index.seq_lens,
+        token_pos,
+        token_len,
+        heads,
+        max_exact,
+        selection.sel_ids.stride(0),
+        selection.sel_ids.stride(1),
+        level.counts.stride(0),
+        level.counts.stride(1),
+        index.member_start.stride(0),
+        index.member_start.stride(1),
+        index.members.stride(0),
+        index.members.stride(1),
+        token_pos.stride(0),
+        token_pos.stride(1),
+        BLOCK=block,
+        SEARCH_STEPS=max_c.bit_length() + 1,
+        num_warps=4,
     )
     return token_pos, token_len
 
@@ -361,12 +461,33 @@ def _expand_reference(
 
 @triton.jit
 def _expand_kernel(
-    sel_ids, sel_cum, num_sel, sel_tokens, counts, cluster_start, member_start, members,
-    sink_len, recent_start, seq_lens, token_pos, token_len,
-    H, cap,
-    stride_sb, stride_sh, stride_nr, stride_nh, stride_msr, stride_msh, stride_mr, stride_mh,
-    stride_pb, stride_ph,
-    BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    sel_ids,
+    sel_cum,
+    num_sel,
+    sel_tokens,
+    counts,
+    cluster_start,
+    member_start,
+    members,
+    sink_len,
+    recent_start,
+    seq_lens,
+    token_pos,
+    token_len,
+    H,
+    cap,
+    stride_sb,
+    stride_sh,
+    stride_nr,
+    stride_nh,
+    stride_msr,
+    stride_msh,
+    stride_mr,
+    stride_mh,
+    stride_pb,
+    stride_ph,
+    BLOCK: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile = tl.program_id(1)
@@ -396,8 +517,9 @@ def _expand_kernel(
     row = tl.load(cluster_start + b).to(tl.int64) + cid
     size = tl.load(counts + row * stride_nr + h * stride_nh, mask=in_sel, other=0)
     first = tl.load(member_start + row * stride_msr + h * stride_msh, mask=in_sel, other=0)
-    member = tl.load(members + (first + k - (end - size)).to(tl.int64) * stride_mr + h * stride_mh,
-                     mask=in_sel, other=0)
+    member = tl.load(
+        members + (first + k - (end - size)).to(tl.int64) * stride_mr + h * stride_mh, mask=in_sel, other=0
+    )
     pos = tl.where(j < n_sink, j, tl.where(in_sel, member, recent + k - sel_len))
     pos = tl.where(j < total, pos, 0)
     tl.store(token_pos + b * stride_pb + h * stride_ph + j, pos, mask=j < cap)

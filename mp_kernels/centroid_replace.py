@@ -59,11 +59,24 @@ def merge_partials(
     lse = torch.empty(batch, heads, dtype=torch.float32, device=out_parts.device)
     if use_triton(out_parts, backend):
         _merge_kernel[(batch * heads,)](
-            out_parts, lse_parts, out, lse, heads, parts,
-            out_parts.stride(0), out_parts.stride(1), out_parts.stride(2),
-            lse_parts.stride(0), lse_parts.stride(1), lse_parts.stride(2),
-            out.stride(0), out.stride(1), lse.stride(0),
-            D=dim, P_PAD=next_power_of_2(parts), num_warps=4,
+            out_parts,
+            lse_parts,
+            out,
+            lse,
+            heads,
+            parts,
+            out_parts.stride(0),
+            out_parts.stride(1),
+            out_parts.stride(2),
+            lse_parts.stride(0),
+            lse_parts.stride(1),
+            lse_parts.stride(2),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            D=dim,
+            P_PAD=next_power_of_2(parts),
+            num_warps=4,
         )
         return out, lse
     merged = torch.logsumexp(lse_parts, dim=-1)
@@ -121,23 +134,66 @@ def _launch_replace(
     group = num_q_heads // heads
     values = level.value_centroids
     _replace_kernel[(batch * heads, num_splits)](
-        logits, selected, values, level.cluster_start, level.num_clusters, out, lse,
-        heads, group, num_splits,
-        logits.stride(0), logits.stride(1), selected.stride(0), selected.stride(1),
-        values.stride(0), values.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        D=values.shape[-1], G_PAD=max(16, next_power_of_2(group)), BLOCK_C=64, ALIGN=SPLIT_ALIGN,
-        IEEE=exact_dots(values.dtype), num_warps=4,
+        logits,
+        selected,
+        values,
+        level.cluster_start,
+        level.num_clusters,
+        out,
+        lse,
+        heads,
+        group,
+        num_splits,
+        logits.stride(0),
+        logits.stride(1),
+        selected.stride(0),
+        selected.stride(1),
+        values.stride(0),
+        values.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        lse.stride(2),
+        D=values.shape[-1],
+        G_PAD=max(16, next_power_of_2(group)),
+        BLOCK_C=64,
+        ALIGN=SPLIT_ALIGN,
+        IEEE=exact_dots(values.dtype),
+        num_warps=4,
     )
 
 
 @triton.jit
 def _replace_kernel(
-    logits, selected, values, cluster_start, num_clusters, out, lse,
-    H, G, num_splits,
-    stride_lgb, stride_lgh, stride_sb, stride_sh, stride_vr, stride_vh,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
-    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, IEEE: tl.constexpr,
+    logits,
+    selected,
+    values,
+    cluster_start,
+    num_clusters,
+    out,
+    lse,
+    H,
+    G,
+    num_splits,
+    stride_lgb,
+    stride_lgh,
+    stride_sb,
+    stride_sh,
+    stride_vr,
+    stride_vh,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    D: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -160,23 +216,53 @@ def _replace_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         valid = c < end
         sel = tl.load(selected + b * stride_sb + h * stride_sh + c, mask=valid, other=1)
-        lg = tl.load(logits + b * stride_lgb + rows[:, None] * stride_lgh + c[None, :],
-                     mask=g_mask[:, None] & valid[None, :], other=float("-inf"))
+        lg = tl.load(
+            logits + b * stride_lgb + rows[:, None] * stride_lgh + c[None, :],
+            mask=g_mask[:, None] & valid[None, :],
+            other=float("-inf"),
+        )
         approx = valid & (sel == 0) & (tl.max(lg, axis=0) > float("-inf"))
-        vals = tl.load(values + (row0 + c)[:, None] * stride_vr + h * stride_vh + d[None, :],
-                       mask=approx[:, None], other=0.0)
+        vals = tl.load(
+            values + (row0 + c)[:, None] * stride_vr + h * stride_vh + d[None, :],
+            mask=approx[:, None],
+            other=0.0,
+        )
         logits2 = tl.where(approx[None, :], lg * 1.4426950408889634, float("-inf"))
         m, denom, acc = online_update(logits2, vals, m, denom, acc, IEEE)
 
-    store_partial(out + b * stride_ob + split * stride_os, lse + b * stride_lb + split * stride_ls,
-                  rows, g_mask, d, m, denom, acc, stride_oh, stride_lh)
+    store_partial(
+        out + b * stride_ob + split * stride_os,
+        lse + b * stride_lb + split * stride_ls,
+        rows,
+        g_mask,
+        d,
+        m,
+        denom,
+        acc,
+        stride_oh,
+        stride_lh,
+    )
 
 
 @triton.jit
 def _merge_kernel(
-    out_parts, lse_parts, out, lse, Hq, P,
-    stride_pb, stride_ph, stride_pp, stride_qb, stride_qh, stride_qp, stride_ob, stride_oh, stride_lb,
-    D: tl.constexpr, P_PAD: tl.constexpr,
+    out_parts,
+    lse_parts,
+    out,
+    lse,
+    Hq,
+    P,
+    stride_pb,
+    stride_ph,
+    stride_pp,
+    stride_qb,
+    stride_qh,
+    stride_qp,
+    stride_ob,
+    stride_oh,
+    stride_lb,
+    D: tl.constexpr,
+    P_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // Hq
@@ -188,8 +274,11 @@ def _merge_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2((lses - m_safe) * 1.4426950408889634)
     total = tl.sum(w, axis=0)
-    parts = tl.load(out_parts + b * stride_pb + h * stride_ph + p[:, None] * stride_pp + d[None, :],
-                    mask=(p < P)[:, None] & (w > 0)[:, None], other=0.0)
+    parts = tl.load(
+        out_parts + b * stride_pb + h * stride_ph + p[:, None] * stride_pp + d[None, :],
+        mask=(p < P)[:, None] & (w > 0)[:, None],
+        other=0.0,
+    )
     merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out + b * stride_ob + h * stride_oh + d, merged.to(out.dtype.element_ty))
     tl.store(lse + b * stride_lb + h, tl.where(total == 0.0, float("-inf"), m_safe + tl.log(total)))

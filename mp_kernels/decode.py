@@ -47,12 +47,26 @@ def multipole_decode(
     parts = exact_splits + approx_splits * len(index.levels)
     out_ws = torch.empty(batch, num_q_heads, parts, dim, dtype=torch.float32, device=q.device)
     lse_ws = torch.empty(batch, num_q_heads, parts, dtype=torch.float32, device=q.device)
-    sparse_decode(q, kv, found.token_pos, found.token_len, exact_splits,
-                  out=out_ws[:, :, :exact_splits], lse=lse_ws[:, :, :exact_splits], backend=backend)
+    sparse_decode(
+        q,
+        kv,
+        found.token_pos,
+        found.token_len,
+        exact_splits,
+        out=out_ws[:, :, :exact_splits],
+        lse=lse_ws[:, :, :exact_splits],
+        backend=backend,
+    )
     for lvl, level in enumerate(index.levels):
         lo = exact_splits + lvl * approx_splits
-        centroid_replace(found.logits[lvl], found.selected[lvl], level, approx_splits,
-                         out=out_ws[:, :, lo : lo + approx_splits], lse=lse_ws[:, :, lo : lo + approx_splits],
-                         backend=backend)
+        centroid_replace(
+            found.logits[lvl],
+            found.selected[lvl],
+            level,
+            approx_splits,
+            out=out_ws[:, :, lo : lo + approx_splits],
+            lse=lse_ws[:, :, lo : lo + approx_splits],
+            backend=backend,
+        )
     out, _ = merge_partials(out_ws, lse_ws, q.dtype, backend=backend)
     return out

@@ -104,27 +104,85 @@ def _launch(
     group = num_q_heads // heads
     ieee = exact_dots(q.dtype)
     _sparse_decode_kernel[(batch * heads, num_splits)](
-        q, kv.k_buffer, kv.v_buffer, kv.page_table, kv.table_rows, token_pos, token_len, out, lse,
-        scale * LOG2E, heads, group, num_splits, token_pos.shape[-1],
-        q.stride(0), q.stride(1), kv.k_buffer.stride(0), kv.k_buffer.stride(1),
-        kv.v_buffer.stride(0), kv.v_buffer.stride(1), kv.page_table.stride(0),
-        token_pos.stride(0), token_pos.stride(1), token_len.stride(0),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        PAGE_SIZE=kv.page_size, D=dim, G_PAD=max(16, next_power_of_2(group)),
-        BLOCK_N=32 if ieee else 64, ALIGN=SPLIT_ALIGN, IEEE=ieee,
-        num_warps=4, num_stages=2,
+        q,
+        kv.k_buffer,
+        kv.v_buffer,
+        kv.page_table,
+        kv.table_rows,
+        token_pos,
+        token_len,
+        out,
+        lse,
+        scale * LOG2E,
+        heads,
+        group,
+        num_splits,
+        token_pos.shape[-1],
+        q.stride(0),
+        q.stride(1),
+        kv.k_buffer.stride(0),
+        kv.k_buffer.stride(1),
+        kv.v_buffer.stride(0),
+        kv.v_buffer.stride(1),
+        kv.page_table.stride(0),
+        token_pos.stride(0),
+        token_pos.stride(1),
+        token_len.stride(0),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        lse.stride(2),
+        PAGE_SIZE=kv.page_size,
+        D=dim,
+        G_PAD=max(16, next_power_of_2(group)),
+        BLOCK_N=32 if ieee else 64,
+        ALIGN=SPLIT_ALIGN,
+        IEEE=ieee,
+        num_warps=4,
+        num_stages=2,
     )
 
 
 @triton.jit
 def _sparse_decode_kernel(
-    q, k_buf, v_buf, table, table_rows, token_pos, token_len, out, lse,
-    scale2, H, G, num_splits, cap,
-    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_table,
-    stride_pb, stride_ph, stride_nb,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
-    PAGE_SIZE: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGN: tl.constexpr, IEEE: tl.constexpr,
+    q,
+    k_buf,
+    v_buf,
+    table,
+    table_rows,
+    token_pos,
+    token_len,
+    out,
+    lse,
+    scale2,
+    H,
+    G,
+    num_splits,
+    cap,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_table,
+    stride_pb,
+    stride_ph,
+    stride_nb,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    PAGE_SIZE: tl.constexpr,
+    D: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -152,13 +210,25 @@ def _sparse_decode_kernel(
         pos = tl.load(pos_row + offs, mask=valid, other=0)
         page = tl.load(table_row + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
         slot = page * PAGE_SIZE + pos % PAGE_SIZE
-        keys = tl.load(k_buf + slot[:, None] * stride_ks + h * stride_kh + d[None, :],
-                       mask=valid[:, None], other=0.0)
-        vals = tl.load(v_buf + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
-                       mask=valid[:, None], other=0.0)
+        keys = tl.load(
+            k_buf + slot[:, None] * stride_ks + h * stride_kh + d[None, :], mask=valid[:, None], other=0.0
+        )
+        vals = tl.load(
+            v_buf + slot[:, None] * stride_vs + h * stride_vh + d[None, :], mask=valid[:, None], other=0.0
+        )
         logits2 = dot(qv, tl.trans(keys), IEEE) * scale2
         logits2 = tl.where(valid[None, :], logits2, float("-inf"))
         m, denom, acc = online_update(logits2, vals, m, denom, acc, IEEE)
 
-    store_partial(out + b * stride_ob + split * stride_os, lse + b * stride_lb + split * stride_ls,
-                  rows, g_mask, d, m, denom, acc, stride_oh, stride_lh)
+    store_partial(
+        out + b * stride_ob + split * stride_os,
+        lse + b * stride_lb + split * stride_ls,
+        rows,
+        g_mask,
+        d,
+        m,
+        denom,
+        acc,
+        stride_oh,
+        stride_lh,
+    )

@@ -81,8 +81,17 @@ def make_batch(
 def small_config(**overrides) -> MultipoleConfig:
     """Tiny clusters and blocks so that CPU-interpreter tests see many clusters and blocks."""
     settings = dict(
-        token_budget=0.25, tokens_per_cluster=4, kmeans_block=32, kmeans_iters=3, update_iters=2,
-        update_block=8, recent_window=8, sink_tokens=3, levels=1, level_ratio=3, windowed_rope=False,
+        token_budget=0.25,
+        tokens_per_cluster=4,
+        kmeans_block=32,
+        kmeans_iters=3,
+        update_iters=2,
+        update_block=8,
+        recent_window=8,
+        sink_tokens=3,
+        levels=1,
+        level_ratio=3,
+        windowed_rope=False,
     )
     settings.update(overrides)
     return MultipoleConfig(**settings)

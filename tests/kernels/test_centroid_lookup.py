@@ -12,9 +12,7 @@ from mp_sglang import reference
 LENS = [9, 75, 130, 41]  # 9: nothing clustered (all sink + recent); others: 1-4 k-means blocks
 
 
-@pytest.mark.parametrize(
-    "budget,levels", [(0, 1), (0.25, 1), (0.1, 2), (10_000, 1), (10_000, 2), (0.3, 3)]
-)
+@pytest.mark.parametrize("budget,levels", [(0, 1), (0.25, 1), (0.1, 2), (10_000, 1), (10_000, 2), (0.3, 3)])
 def test_lookup_matches_reference(budget, levels):
     cfg = small_config(token_budget=budget, levels=levels, level_budget_multiplier=2.0)
     batch = make_batch(LENS, heads=3, group=2, dim=16, cfg=cfg, seed=levels)

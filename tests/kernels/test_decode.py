@@ -22,8 +22,16 @@ def test_decode_matches_reference(budget, levels, page_size, group):
     cfg = small_config(token_budget=budget, levels=levels)
     batch = make_batch(LENS, heads=3, group=group, dim=16, cfg=cfg, page_size=page_size, seed=7 + levels)
     out = multipole_decode(
-        batch.q, batch.q, batch.kv, batch.index, batch.budget, batch.max_exact, exact_splits=2,
-        approx_splits=2, level_budget_multiplier=cfg.level_budget_multiplier, backend="triton",
+        batch.q,
+        batch.q,
+        batch.kv,
+        batch.index,
+        batch.budget,
+        batch.max_exact,
+        exact_splits=2,
+        approx_splits=2,
+        level_budget_multiplier=cfg.level_budget_multiplier,
+        backend="triton",
     )
     assert not out.isnan().any()
     for b, index in enumerate(batch.indices):

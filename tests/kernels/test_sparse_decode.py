@@ -26,8 +26,16 @@ def _random_lists(lens, heads, cap, gen):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_sparse_decode_matches_reference(dtype, page_size, splits):
     lens = [37, 5, 150]
-    batch = make_batch(lens, heads=3, group=3, dim=16, cfg=small_config(), dtype=dtype, page_size=page_size,
-                       seed=splits * 10 + page_size)
+    batch = make_batch(
+        lens,
+        heads=3,
+        group=3,
+        dim=16,
+        cfg=small_config(),
+        dtype=dtype,
+        page_size=page_size,
+        seed=splits * 10 + page_size,
+    )
     pos, length = _random_lists(lens, 3, 140, torch.Generator().manual_seed(page_size))
     out, lse = sparse_decode(batch.q, batch.kv, pos, length, splits, backend="triton")
     ref_out, ref_lse = sparse_decode(batch.q, batch.kv, pos, length, splits, backend="torch")

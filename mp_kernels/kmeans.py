@@ -1,0 +1,315 @@
+"""Batched k-means steps (assignment, per-cluster sums) for index building and the blockwise update.
+
+Points come in segments, one independent k-means problem each (a k-means block of a request, or
+the final block during an update): segment `b` owns point rows `point_start[b] : point_start[b] +
+num_points[b]` of `points [N, H, d]` and centroid rows `cluster_start[b] : cluster_start[b] +
+num_clusters[b]` of `centroids [R, H, d]`; labels are local cluster ids. All heads of all segments
+run in one launch, which is what makes building a 128K-token index a handful of launches.
+`lloyd` composes the steps exactly as `mp_sglang.clustering.lloyd` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mp_kernels.dispatch import exact_dots, use_triton
+from mp_sglang import clustering
+
+
+@torch.no_grad()
+def assign(
+    points: torch.Tensor,
+    centroids: torch.Tensor,
+    point_start: torch.Tensor,
+    num_points: torch.Tensor,
+    cluster_start: torch.Tensor,
+    num_clusters: torch.Tensor,
+    max_points: int,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Nearest centroid (squared Euclidean, lowest id on ties) of every point: labels `[N, H]` int32.
+
+    Rows outside every segment are left unwritten.
+    """
+    heads, dim = points.shape[1], points.shape[2]
+    labels = torch.empty(points.shape[:2], dtype=torch.int32, device=points.device)
+    if not use_triton(points, backend):
+        for ps, pe, cs, ce in _segments(point_start, num_points, cluster_start, num_clusters):
+            if pe > ps and ce > cs:
+                got = clustering.assign(
+                    points[ps:pe].transpose(0, 1).float(), centroids[cs:ce].transpose(0, 1).float()
+                )
+                labels[ps:pe] = got.t().to(torch.int32)
+        return labels
+    block_p = 64
+    _assign_kernel[(point_start.shape[0] * heads, triton.cdiv(max_points, block_p))](
+        points,
+        centroids,
+        point_start,
+        num_points,
+        cluster_start,
+        num_clusters,
+        labels,
+        heads,
+        points.stride(0),
+        points.stride(1),
+        centroids.stride(0),
+        centroids.stride(1),
+        labels.stride(0),
+        labels.stride(1),
+        D=dim,
+        BLOCK_P=block_p,
+        BLOCK_K=64,
+        IEEE=exact_dots(points.dtype),
+        num_warps=4,
+    )
+    return labels
+
+
+@torch.no_grad()
+def cluster_sums(
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    point_start: torch.Tensor,
+    num_points: torch.Tensor,
+    cluster_start: torch.Tensor,
+    num_rows: int,
+    max_points: int,
+    weights: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster (weighted) sums `[num_rows, H, d]` and total weights `[num_rows, H]`, fp32."""
+    heads, dim = points.shape[1], points.shape[2]
+    sums = torch.zeros(num_rows, heads, dim, dtype=torch.float32, device=points.device)
+    totals = torch.zeros(num_rows, heads, dtype=torch.float32, device=points.device)
+    if not use_triton(points, backend):
+        for b in range(point_start.shape[0]):
+            ps, n, cs = int(point_start[b]), int(num_points[b]), int(cluster_start[b])
+            if n == 0:
+                continue
+            w = (
+                torch.ones(n, heads, device=points.device)
+                if weights is None
+                else weights[ps : ps + n].float()
+            )
+            rows = labels[ps : ps + n].long() + cs  # [n, H]
+            sums.scatter_add_(
+                0, rows.unsqueeze(-1).expand(-1, -1, dim), points[ps : ps + n].float() * w.unsqueeze(-1)
+            )
+            totals.scatter_add_(0, rows, w)
+        return sums, totals
+    block_p = 64
+    w = weights if weights is not None else totals
+    _sums_kernel[(point_start.shape[0] * heads, triton.cdiv(max_points, block_p))](
+        points,
+        labels,
+        w,
+        point_start,
+        num_points,
+        cluster_start,
+        sums,
+        totals,
+        heads,
+        points.stride(0),
+        points.stride(1),
+        labels.stride(0),
+        labels.stride(1),
+        w.stride(0),
+        w.stride(1),
+        sums.stride(0),
+        sums.stride(1),
+        totals.stride(0),
+        totals.stride(1),
+        HAS_WEIGHTS=weights is not None,
+        D=dim,
+        BLOCK_P=block_p,
+        num_warps=4,
+    )
+    return sums, totals
+
+
+def cluster_means(
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    point_start: torch.Tensor,
+    num_points: torch.Tensor,
+    cluster_start: torch.Tensor,
+    fallback: torch.Tensor,
+    max_points: int,
+    weights: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member means `[R, H, d]` (an empty cluster keeps its `fallback` row) and totals `[R, H]`."""
+    sums, totals = cluster_sums(
+        points,
+        labels,
+        point_start,
+        num_points,
+        cluster_start,
+        fallback.shape[0],
+        max_points,
+        weights,
+        backend,
+    )
+    means = torch.where(
+        totals.unsqueeze(-1) > 0, sums / totals.clamp_min(1e-30).unsqueeze(-1), fallback.float()
+    )
+    return means, totals
+
+
+def lloyd(
+    points: torch.Tensor,
+    centroids: torch.Tensor,
+    point_start: torch.Tensor,
+    num_points: torch.Tensor,
+    cluster_start: torch.Tensor,
+    num_clusters: torch.Tensor,
+    max_points: int,
+    iters: int,
+    generator: torch.Generator,
+    weights: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations of every segment, as `clustering.lloyd` (empty clusters re-seeded at random
+    points, drawn segment by segment from `generator`); returns fp32 centroids and labels."""
+    seg = (point_start, num_points, cluster_start)
+    for it in range(iters):
+        labels = assign(points, centroids, *seg, num_clusters, max_points, backend)
+        centroids, totals = cluster_means(points, labels, *seg, centroids, max_points, weights, backend)
+        empty = totals == 0
+        if it < iters - 1 and bool(empty.any()):
+            centroids = _reseed(points, centroids, empty, seg, num_clusters, generator)
+    labels = assign(points, centroids, *seg, num_clusters, max_points, backend)
+    centroids, _ = cluster_means(points, labels, *seg, centroids, max_points, weights, backend)
+    return centroids, labels
+
+
+def _reseed(points, centroids, empty, seg, num_clusters, generator):
+    point_start, num_points, cluster_start = seg
+    heads = points.shape[1]
+    for ps, pe, cs, ce in _segments(point_start, num_points, cluster_start, num_clusters):
+        if ce > cs and pe > ps:
+            picks = torch.randint(0, pe - ps, (heads, ce - cs), generator=generator).to(points.device)
+            seeds = torch.gather(
+                points[ps:pe].transpose(0, 1).float(), 1, picks.unsqueeze(-1).expand(-1, -1, points.shape[-1])
+            )
+            rows = centroids[cs:ce]
+            centroids[cs:ce] = torch.where(empty[cs:ce].unsqueeze(-1), seeds.transpose(0, 1), rows)
+    return centroids
+
+
+def _segments(point_start, num_points, cluster_start, num_clusters):
+    for ps, n, cs, c in zip(
+        point_start.tolist(), num_points.tolist(), cluster_start.tolist(), num_clusters.tolist(), strict=True
+    ):
+        yield ps, ps + n, cs, cs + c
+
+
+@triton.jit
+def _assign_kernel(
+    points,
+    centroids,
+    point_start,
+    num_points,
+    cluster_start,
+    num_clusters,
+    labels,
+    H,
+    stride_pr,
+    stride_ph,
+    stride_cr,
+    stride_ch,
+    stride_lr,
+    stride_lh,
+    D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    n = tl.load(num_points + b)
+    nc = tl.load(num_clusters + b)
+    rows = tl.load(point_start + b).to(tl.int64) + tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P) < n
+    c0 = tl.load(cluster_start + b).to(tl.int64)
+    d = tl.arange(0, D)
+    pts = tl.load(
+        points + rows[:, None] * stride_pr + h * stride_ph + d[None, :], mask=valid[:, None], other=0.0
+    )
+    best = tl.full([BLOCK_P], float("inf"), tl.float32)
+    best_id = tl.zeros([BLOCK_P], tl.int32)
+    for k0 in range(0, nc, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_valid = k < nc
+        cent = tl.load(
+            centroids + (c0 + k)[:, None] * stride_cr + h * stride_ch + d[None, :],
+            mask=k_valid[:, None],
+            other=0.0,
+        )
+        norms = tl.sum(cent.to(tl.float32) * cent.to(tl.float32), axis=1)
+        if IEEE:
+            dots = tl.dot(pts.to(tl.float32), tl.trans(cent.to(tl.float32)), input_precision="ieee")
+        else:
+            dots = tl.dot(pts.to(cent.dtype), tl.trans(cent))
+        dist = tl.where(k_valid[None, :], norms[None, :] - 2.0 * dots, float("inf"))
+        tile_best = tl.min(dist, axis=1)
+        tile_id = tl.argmin(dist, axis=1).to(tl.int32) + k0
+        better = tile_best < best
+        best = tl.where(better, tile_best, best)
+        best_id = tl.where(better, tile_id, best_id)
+    tl.store(labels + rows * stride_lr + h * stride_lh, best_id, mask=valid)
+
+
+@triton.jit
+def _sums_kernel(
+    points,
+    labels,
+    weights,
+    point_start,
+    num_points,
+    cluster_start,
+    sums,
+    totals,
+    H,
+    stride_pr,
+    stride_ph,
+    stride_lr,
+    stride_lh,
+    stride_wr,
+    stride_wh,
+    stride_sr,
+    stride_sh,
+    stride_tr,
+    stride_th,
+    HAS_WEIGHTS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    n = tl.load(num_points + b)
+    offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = offs < n
+    rows = tl.load(point_start + b).to(tl.int64) + offs
+    d = tl.arange(0, D)
+    lab = tl.load(labels + rows * stride_lr + h * stride_lh, mask=valid, other=0)
+    target = tl.load(cluster_start + b).to(tl.int64) + lab
+    pts = tl.load(
+        points + rows[:, None] * stride_pr + h * stride_ph + d[None, :], mask=valid[:, None], other=0.0
+    )
+    if HAS_WEIGHTS:
+        w = tl.load(weights + rows * stride_wr + h * stride_wh, mask=valid, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(valid, 1.0, 0.0)
+    tl.atomic_add(
+        sums + target[:, None] * stride_sr + h * stride_sh + d[None, :],
+        pts.to(tl.float32) * w[:, None],
+        mask=valid[:, None],
+        sem="relaxed",
+    )
+    tl.atomic_add(totals + target * stride_tr + h * stride_th, w, mask=valid, sem="relaxed")

@@ -1,0 +1,464 @@
+# ruff: noqa: B023, E731  (timing closures over loop variables are called inside the loop)
+"""Benchmark of the Multipole decode kernels against dense decoding (one GPU call).
+
+    python scripts/bench_kernels.py --out $OUT/bench_kernels.json
+
+Llama-3-8B / Qwen3-8B decode shapes (32 query heads, 8 KV heads, d=128, bf16), page size 16.
+For each context x batch x budget: dense FlashInfer (BatchDecodeWithPagedKVCacheWrapper, measured
+in a child process when the package is importable), dense torch SDPA, dense decoding through our
+own sparse kernel over the full list, and Multipole split into lookup / sparse / replacement /
+merge, each captured in a CUDA graph and timed by replaying it with triton.testing.do_bench (median,
+L2 flushed before every replay). Achieved GB/s is over the bytes each part must read; the copy
+bandwidth is measured in the same run. Error is relative to fp32 dense attention on the same
+inputs, for random keys (no cluster structure: the worst case) and for clustered keys (drawn
+around a few hundred centres per head). Prints the table last; writes all numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from mp_kernels import kmeans
+from mp_kernels.centroid_lookup import lookup
+from mp_kernels.centroid_replace import centroid_replace, merge_partials
+from mp_kernels.decode import default_splits, multipole_decode
+from mp_kernels.layout import BatchIndex, LevelTensors, PagedKV
+from mp_kernels.sparse_decode import sparse_decode
+
+HQ, HKV, DIM, PAGE = 32, 8, 128, 16
+SINKS, RECENT, BLOCK, TPC = 10, 128, 8192, 16
+KMEANS_ITERS, UPDATE_ITERS, UPDATE_BLOCK = 10, 3, 128
+DT = torch.bfloat16
+DEVICE = "cuda"  # --smoke-cpu switches to the CPU (torch references, host timers) to check the script
+
+
+def main() -> None:
+    args = _parse()
+    if args.flashinfer_child:
+        print(json.dumps(_flashinfer_times(json.loads(args.flashinfer_child))))
+        return
+    torch.manual_seed(0)
+    if args.smoke_cpu:
+        global DEVICE
+        DEVICE = "cpu"
+        result: dict = {"device": "cpu (smoke test)", "rows": [], "build": []}
+    else:
+        props = torch.cuda.get_device_properties(0)
+        result = {"device": props.name, "sms": props.multi_processor_count, "rows": [], "build": []}
+    result["copy_gbps"] = _copy_bandwidth()
+    print(f"device {result['device']}; measured copy bandwidth {result['copy_gbps']:.0f} GB/s", flush=True)
+    configs = [(c, b) for c in args.contexts for b in args.batches]
+    fi = {"status": "not run"} if args.smoke_cpu else _run_flashinfer_child(configs, args.flashinfer_timeout)
+    result["flashinfer"] = fi.get("status", "ok")
+    for ctx, batch in configs:
+        need = 2 * batch * ctx * HKV * DIM * 2 * 2.3  # pool + SDPA copy + headroom
+        if DEVICE == "cuda" and need > torch.cuda.mem_get_info()[0]:
+            print(f"skip ctx={ctx} batch={batch}: needs ~{need / 2**30:.0f} GiB", flush=True)
+            result["rows"].append({"ctx": ctx, "batch": batch, "skipped": "memory"})
+            continue
+        for mode in ("random", "clustered") if batch == 1 else ("random",):
+            result["rows"] += _bench_config(ctx, batch, mode, args.budgets, fi.get(f"{ctx}x{batch}"), result)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    _print_table(result)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench_kernels.json")
+    p.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05])
+    p.add_argument("--flashinfer-timeout", type=int, default=180)
+    p.add_argument("--flashinfer-child", default="")
+    p.add_argument("--smoke-cpu", action="store_true", help="tiny run on the CPU to check the script")
+    return p.parse_args()
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _time_graph(fn, reps: int = 200) -> float:
+    """Median ms of `fn` captured in a CUDA graph, replayed with the L2 flushed before each."""
+    import triton.testing
+
+    if DEVICE == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    fn()  # compile
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=reps, return_mode="median")
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB: (bytes read + bytes written) / time."""
+    import triton.testing
+
+    if DEVICE == "cpu":
+        return 1.0
+    src = torch.randn(2**29, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _keys(batch: int, ctx: int, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Keys `[batch * ctx, H, d]`: i.i.d. normal, or around 256 centres per head and request."""
+    if mode == "random":
+        return torch.randn(batch * ctx, HKV, DIM, device=DEVICE, generator=gen, dtype=DT)
+    out = torch.empty(batch * ctx, HKV, DIM, device=DEVICE, dtype=DT)
+    for b in range(batch):
+        centres = torch.randn(256, HKV, DIM, device=DEVICE, generator=gen) * 2
+        pick = torch.randint(0, 256, (ctx,), device=DEVICE, generator=gen)
+        out[b * ctx : (b + 1) * ctx] = (
+            centres[pick] + 0.5 * torch.randn(ctx, HKV, DIM, device=DEVICE, generator=gen)
+        ).to(DT)
+    return out
+
+
+def _blocks(ctx: int) -> list[tuple[int, int]]:
+    """(first token, size) of the k-means blocks of one request, as `clustering.block_sizes`."""
+    from mp_sglang.clustering import block_sizes
+
+    first, out = SINKS, []
+    for size in block_sizes(ctx - SINKS - RECENT, BLOCK):
+        out.append((first, size))
+        first += size
+    return out
+
+
+def _build_index(k_pool, v_pool, batch: int, ctx: int, iters: int) -> tuple[BatchIndex, float]:
+    """Index of every request by our batched k-means, read in place from the pool (each k-means block
+    of each request is one segment; bf16 keys, fp32 means); returns it and the ms it took."""
+    blocks = _blocks(ctx)
+    _sync()
+    t0 = time.perf_counter()
+    first = torch.tensor([f for f, _ in blocks], dtype=torch.int32, device=DEVICE)
+    ps = (torch.arange(batch, dtype=torch.int32, device=DEVICE).unsqueeze(1) * ctx + first).flatten()
+    sizes = torch.tensor([s for _, s in blocks] * batch, dtype=torch.int32, device=DEVICE)
+    ncl = sizes // TPC
+    cs = (torch.cumsum(ncl, 0) - ncl).to(torch.int32)
+    rows = ps.long().repeat_interleave(sizes.long()) + _ranks(sizes)  # pool rows of clustered tokens
+    init = k_pool[(ps.long().repeat_interleave(ncl.long()) + _ranks(ncl))].float()
+    max_pts = max(s for _, s in blocks)
+    cen, labels = kmeans.lloyd(
+        k_pool, init, ps, sizes, cs, ncl, max_pts, iters, torch.Generator().manual_seed(0)
+    )
+    vcen, counts = kmeans.cluster_means(v_pool, labels, ps, sizes, cs, torch.zeros_like(cen), max_pts)
+    cnt = counts.round().to(torch.int32)
+    # members: token positions grouped by (global) cluster, per head
+    global_label = labels[rows].long() + cs.long().repeat_interleave(sizes.long()).unsqueeze(-1)
+    order = torch.sort(global_label, dim=0, stable=True).indices
+    members = (rows % ctx)[order].to(torch.int32)
+    per_req = ncl.view(batch, len(blocks)).sum(1)
+    level = LevelTensors(
+        centroids=cen.to(DT),
+        value_centroids=vcen.to(DT),
+        counts=cnt,
+        cluster_start=(torch.cumsum(per_req, 0) - per_req).to(torch.int32),
+        num_clusters=per_req.to(torch.int32),
+        max_clusters=int(per_req.max()),
+    )
+    full = lambda v: torch.full((batch,), v, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    index = BatchIndex(
+        (level,),
+        (torch.cumsum(cnt, 0) - cnt).to(torch.int32),
+        members,
+        full(SINKS),
+        full(ctx - RECENT),
+        full(ctx),
+    )
+    _sync()
+    return index, (time.perf_counter() - t0) * 1e3
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _ranks(ncl: torch.Tensor) -> torch.Tensor:
+    """0, 1, ..., n_i - 1 for every entry n_i, concatenated."""
+    starts = torch.cumsum(ncl, 0) - ncl
+    return torch.arange(int(ncl.sum()), device=ncl.device) - starts.repeat_interleave(ncl.long())
+
+
+def _pool(k_pool, v_pool, batch, ctx) -> PagedKV:
+    pages = ctx // PAGE
+    table = torch.arange(batch * pages, dtype=torch.int32, device=DEVICE).reshape(batch, pages)
+    return PagedKV(k_pool, v_pool, table, torch.arange(batch, dtype=torch.int32, device=DEVICE), PAGE)
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
+    gen = torch.Generator(device=DEVICE).manual_seed(ctx + batch)
+    k_pool = _keys(batch, ctx, mode, gen)
+    v_pool = torch.randn(batch * ctx, HKV, DIM, device=DEVICE, generator=gen, dtype=DT)
+    q = torch.randn(batch, HQ, DIM, device=DEVICE, generator=gen).to(DT)
+    kv = _pool(k_pool, v_pool, batch, ctx)
+    index, build_ms = _build_index(k_pool, v_pool, batch, ctx, KMEANS_ITERS)
+    if batch == 1 and ctx in (32768, 131072):
+        result["build"].append(_build_row(ctx, mode, build_ms, k_pool, v_pool, q, index))
+
+    kd = k_pool.view(batch, ctx, HKV, DIM).transpose(1, 2).contiguous()
+    vd = v_pool.view(batch, ctx, HKV, DIM).transpose(1, 2).contiguous()
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, enable_gqa=True)  # noqa: E731
+    sdpa_ms = _time_graph(sdpa)
+    dense_ref = _dense_fp32(q, kd, vd) if batch == 1 else None
+    full = torch.arange(ctx, dtype=torch.int32, device=DEVICE).expand(batch, HKV, ctx).contiguous()
+    full_len = torch.full((batch, HKV), ctx, dtype=torch.int32, device=DEVICE)
+    s_dense = default_splits(batch, HKV, ctx)
+    tri_dense_ms = _time_graph(
+        lambda: merge_partials(*sparse_decode(q, kv, full, full_len, s_dense), q.dtype)
+    )
+    dense_bytes = 2 * batch * ctx * HKV * DIM * 2
+
+    rows = []
+    level = index.levels[0]
+    for frac in budgets:
+        budget = torch.full((batch,), int(frac * ctx), dtype=torch.int32, device=DEVICE)
+        max_exact = SINKS + int(frac * ctx) + RECENT
+        s_exact = default_splits(batch, HKV, max_exact)
+        s_apx = default_splits(batch, HKV, level.max_clusters)
+        found = lookup(q, index, budget, max_exact)
+        parts = [
+            sparse_decode(q, kv, found.token_pos, found.token_len, s_exact),
+            centroid_replace(found.logits[0], found.selected[0], level, s_apx),
+        ]
+        out_ws, lse_ws = torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+        t = {
+            "lookup": _time_graph(lambda: lookup(q, index, budget, max_exact)),  # noqa: B023
+            "sparse": _time_graph(lambda: sparse_decode(q, kv, found.token_pos, found.token_len, s_exact)),  # noqa: B023
+            "replace": _time_graph(
+                lambda: centroid_replace(found.logits[0], found.selected[0], level, s_apx)
+            ),  # noqa: B023
+            "merge": _time_graph(lambda: merge_partials(out_ws, lse_ws, q.dtype)),  # noqa: B023
+            "total": _time_graph(lambda: multipole_decode(q, q, kv, index, budget, max_exact)),  # noqa: B023
+        }
+        exact_tokens = int(found.token_len.sum())
+        clusters = int(level.num_clusters.sum()) * HKV
+        approx = int(((found.selected[0] == 0) & torch.isfinite(found.logits[0][:, :: HQ // HKV])).sum())
+        by = {
+            "lookup": clusters * DIM * 2 + clusters * 4,
+            "sparse": exact_tokens * DIM * 2 * 2 + exact_tokens * 4,
+            "replace": approx * DIM * 2 + clusters * (HQ // HKV) * 4,
+        }
+        row = {
+            "ctx": ctx,
+            "batch": batch,
+            "mode": mode,
+            "budget": frac,
+            "ms": t,
+            "bytes": by,
+            "sdpa_ms": sdpa_ms,
+            "triton_dense_ms": tri_dense_ms,
+            "flashinfer_ms": fi_ms,
+            "dense_gbps": {
+                "sdpa": dense_bytes / sdpa_ms / 1e6,
+                "triton_dense": dense_bytes / tri_dense_ms / 1e6,
+            },
+            "gbps": {k: by[k] / t[k] / 1e6 for k in by},
+        }
+        if fi_ms:
+            row["dense_gbps"]["flashinfer"] = dense_bytes / fi_ms / 1e6
+        base = fi_ms or sdpa_ms
+        row["speedup"] = base / t["total"]
+        if dense_ref is not None:
+            out = multipole_decode(q, q, kv, index, budget, max_exact).float()
+            row["rel_err"] = float((out - dense_ref).norm() / dense_ref.norm())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _dense_fp32(q, kd, vd) -> torch.Tensor:
+    qg = q.float().view(q.shape[0], HKV, HQ // HKV, DIM)
+    logits = torch.einsum("bhgd,bhnd->bhgn", qg, kd.float()) / math.sqrt(DIM)
+    return torch.einsum("bhgn,bhnd->bhgd", torch.softmax(logits, -1), vd.float()).reshape(q.shape[0], HQ, DIM)
+
+
+def _build_row(ctx, mode, build_ms, k_pool, v_pool, q, index) -> dict:
+    """Index build vs one layer's causal attention prefill; one blockwise update vs its 128 steps."""
+    qp = torch.randn(1, HQ, ctx, DIM, device=DEVICE, dtype=DT)
+    kp = k_pool.view(1, ctx, HKV, DIM).transpose(1, 2)
+    vp = v_pool.view(1, ctx, HKV, DIM).transpose(1, 2)
+    prefill = lambda: torch.nn.functional.scaled_dot_product_attention(
+        qp, kp, vp, is_causal=True, enable_gqa=True
+    )  # noqa: E731
+    prefill()
+    _sync()
+    t0 = time.perf_counter()
+    prefill()
+    _sync()
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    first, size = _blocks(ctx)[-1]
+    final = k_pool[first : first + size + UPDATE_BLOCK]
+    n = final.shape[0]
+    ncl = torch.tensor([n // TPC], dtype=torch.int32, device=DEVICE)
+    zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    npts = torch.tensor([n], dtype=torch.int32, device=DEVICE)
+    warm = final[: n // TPC].float()
+    update = lambda: kmeans.lloyd(
+        final, warm, zero, npts, zero, ncl, n, UPDATE_ITERS, torch.Generator().manual_seed(0)
+    )  # noqa: E731
+    update()
+    _sync()
+    t0 = time.perf_counter()
+    update()
+    _sync()
+    update_ms = (time.perf_counter() - t0) * 1e3
+    budget = torch.full((1,), int(0.02 * ctx), dtype=torch.int32, device=DEVICE)
+    kv = _pool(k_pool, v_pool, 1, ctx)
+    step_ms = _time_graph(lambda: multipole_decode(q, q, kv, index, budget, SINKS + int(0.02 * ctx) + RECENT))
+    row = {
+        "ctx": ctx,
+        "mode": mode,
+        "build_ms": build_ms,
+        "prefill_attn_ms": prefill_ms,
+        "update_ms": update_ms,
+        "decode_2pct_ms": step_ms,
+        "build_vs_prefill": build_ms / prefill_ms,
+        "update_vs_128_steps": update_ms / (UPDATE_BLOCK * step_ms),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# --------------------------------------------------------------------------- FlashInfer
+
+
+def _run_flashinfer_child(configs, timeout: int) -> dict:
+    """FlashInfer in a child process, so a failing import or a long JIT build cannot sink the run."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--flashinfer-child", json.dumps(configs)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=os.environ.copy(),
+        )
+    except subprocess.TimeoutExpired:
+        print(f"flashinfer: gave up after {timeout}s (JIT build)", flush=True)
+        return {"status": f"timeout after {timeout}s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        print("flashinfer unavailable:", " | ".join(tail), flush=True)
+        return {"status": "failed: " + " | ".join(tail)[-300:]}
+    times = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("flashinfer:", times, flush=True)
+    return times
+
+
+def _flashinfer_times(configs) -> dict:
+    import flashinfer
+
+    out = {}
+    ws = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE)
+    for ctx, batch in configs:
+        if 2 * batch * ctx * HKV * DIM * 2 * 1.2 > torch.cuda.mem_get_info()[0]:
+            continue
+        pages = ctx // PAGE
+        cache = torch.randn(batch * pages, 2, PAGE, HKV, DIM, device=DEVICE, dtype=DT)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        indptr = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * pages
+        indices = torch.arange(batch * pages, dtype=torch.int32, device=DEVICE)
+        last = torch.full((batch,), PAGE, dtype=torch.int32, device=DEVICE)
+        wrapper.plan(indptr, indices, last, HQ, HKV, DIM, PAGE, data_type=DT, q_data_type=DT)
+        q = torch.randn(batch, HQ, DIM, device=DEVICE).to(DT)
+        try:
+            out[f"{ctx}x{batch}"] = _time_graph(lambda: wrapper.run(q, cache))  # noqa: B023
+        except RuntimeError:
+            import triton.testing
+
+            out[f"{ctx}x{batch}"] = triton.testing.do_bench(
+                lambda: wrapper.run(q, cache), return_mode="median"
+            )  # noqa: B023
+            out["status"] = "ok (no CUDA graph)"
+    return out
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _print_table(result: dict) -> None:
+    bw = result["copy_gbps"]
+    print(f"\n## {result['device']}: copy bandwidth {bw:.0f} GB/s; FlashInfer: {result['flashinfer']}")
+    print(
+        "times in us (CUDA-graph replay, median, L2 flushed); GB/s on the bytes each part must read; "
+        "speedup vs FlashInfer (SDPA where FlashInfer is missing); err = rel. error vs fp32 dense"
+    )
+    head = (
+        "ctx",
+        "B",
+        "keys",
+        "budget",
+        "FI",
+        "SDPA",
+        "tri-dense",
+        "lookup",
+        "sparse",
+        "replace",
+        "merge",
+        "total",
+        "speedup",
+        "sparse GB/s",
+        "err",
+    )
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in result["rows"]:
+        if "skipped" in r:
+            print(f"| {r['ctx']} | {r['batch']} | skipped ({r['skipped']}) |")
+            continue
+        ms = r["ms"]
+        fi = f"{r['flashinfer_ms'] * 1e3:.1f}" if r["flashinfer_ms"] else "-"
+        err = f"{r['rel_err']:.2e}" if "rel_err" in r else "-"
+        cells = (
+            r["ctx"],
+            r["batch"],
+            r["mode"],
+            f"{r['budget']:.0%}",
+            fi,
+            f"{r['sdpa_ms'] * 1e3:.1f}",
+            f"{r['triton_dense_ms'] * 1e3:.1f}",
+            *(f"{ms[k] * 1e3:.1f}" for k in ("lookup", "sparse", "replace", "merge", "total")),
+            f"{r['speedup']:.2f}x",
+            f"{r['gbps']['sparse']:.0f} ({r['gbps']['sparse'] / bw:.0%})",
+            err,
+        )
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    for b in result["build"]:
+        print(
+            f"build ctx={b['ctx']} ({b['mode']}): index {b['build_ms']:.1f} ms vs causal attention prefill "
+            f"of one layer {b['prefill_attn_ms']:.1f} ms ({b['build_vs_prefill']:.0%}); "
+            f"update of {UPDATE_BLOCK} "
+            f"tokens {b['update_ms']:.2f} ms vs {UPDATE_BLOCK} decode steps "
+            f"({b['update_vs_128_steps']:.0%})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Real sizes on the GPU (`pytest -m gpu`): Llama-3-8B-like heads, bf16 and fp32, paged pools."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _inputs import make_batch, small_config
+
+from mp_kernels import kmeans
+from mp_kernels.centroid_lookup import lookup
+from mp_kernels.centroid_replace import centroid_replace
+from mp_kernels.decode import multipole_decode
+from mp_kernels.sparse_decode import sparse_decode
+from mp_sglang import clustering, reference
+
+pytestmark = pytest.mark.gpu
+LENS = [3000, 777, 5000]
+
+
+def _config(budget):
+    return small_config(
+        token_budget=budget,
+        tokens_per_cluster=16,
+        kmeans_block=1024,
+        kmeans_iters=4,
+        recent_window=64,
+        sink_tokens=10,
+        levels=1,
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype,page_size,budget",
+    [
+        (torch.bfloat16, 16, 0.05),
+        (torch.float32, 1, 0.02),
+        (torch.bfloat16, 1, 0),
+        (torch.float32, 16, 100_000),
+    ],
+)
+def test_decode_real_sizes(dtype, page_size, budget):
+    cfg = _config(budget)
+    batch = make_batch(
+        LENS, heads=8, group=4, dim=128, cfg=cfg, dtype=dtype, page_size=page_size, seed=11, device="cuda"
+    )
+    out = multipole_decode(batch.q, batch.q, batch.kv, batch.index, batch.budget, batch.max_exact)
+    assert not out.isnan().any()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for b, index in enumerate(batch.indices):
+        ref = reference.decode_attention(batch.q[b].float().cpu(), batch.keys[b], batch.values[b], index, cfg)
+        err = (out[b].float().cpu() - ref).norm() / ref.norm()
+        assert err <= tol, (b, float(err))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernels_vs_torch_references(dtype):
+    cfg = _config(0.05)
+    batch = make_batch(
+        LENS, heads=8, group=4, dim=128, cfg=cfg, dtype=dtype, page_size=16, seed=12, device="cuda"
+    )
+    got = lookup(batch.q, batch.index, batch.budget, batch.max_exact, backend="triton")
+    ref = lookup(batch.q, batch.index, batch.budget, batch.max_exact, backend="torch")
+    assert torch.equal(got.selected[0], ref.selected[0])
+    assert torch.equal(got.token_len, ref.token_len)
+    mask = torch.arange(batch.max_exact, device="cuda") < got.token_len.unsqueeze(-1)
+    assert torch.equal(got.token_pos[mask], ref.token_pos[mask])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for fn_args in (
+        (sparse_decode, (batch.q, batch.kv, got.token_pos, got.token_len, 7)),
+        (centroid_replace, (got.logits[0], got.selected[0], batch.index.levels[0], 5)),
+    ):
+        fn, args = fn_args
+        out, lse = fn(*args, backend="triton")
+        ref_out, ref_lse = fn(*args, backend="torch")
+        assert not out.isnan().any() and not lse.isnan().any()
+        assert (out - ref_out).norm() <= tol * ref_out.norm()
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(finite, torch.isfinite(lse))
+        assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-3 if dtype != torch.float32 else 1e-5)
+
+
+def test_kmeans_real_sizes():
+    gen = torch.Generator().manual_seed(3)
+    blocks, n, c = 4, 8192, 512
+    points = torch.randn(blocks * n, 8, 128, generator=gen).cuda()
+    ps = torch.arange(blocks, dtype=torch.int32, device="cuda") * n
+    cs = torch.arange(blocks, dtype=torch.int32, device="cuda") * c
+    npts = torch.full((blocks,), n, dtype=torch.int32, device="cuda")
+    ncl = torch.full((blocks,), c, dtype=torch.int32, device="cuda")
+    init = points[(ps.long().unsqueeze(-1) + torch.arange(c, device="cuda")).flatten()]
+    cen, labels = kmeans.lloyd(points, init, ps, npts, cs, ncl, n, 3, torch.Generator().manual_seed(0))
+    for b in (0, blocks - 1):
+        pts = points[b * n : (b + 1) * n].transpose(0, 1)
+        block_c = cen[b * c : (b + 1) * c].transpose(0, 1)
+        got = labels[b * n : (b + 1) * n].t().long()
+        dist = torch.cdist(pts.double(), block_c.double()) ** 2
+        chosen = dist.gather(-1, got.unsqueeze(-1)).squeeze(-1)
+        assert torch.all(chosen <= dist.min(-1).values + 1e-3)
+        means, _ = clustering.cluster_means(pts.cpu(), got.cpu(), c, block_c.cpu())
+        assert torch.allclose(means, block_c.cpu(), atol=1e-4, rtol=1e-4)
