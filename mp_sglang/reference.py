@@ -94,9 +94,9 @@ def masked_attention(
     An empty selection gives output 0 and LSE -inf, which merges as "no contribution".
     """
     qg = _group(q, keys.shape[0]).float()
-    logits = torch.einsum("hgd,hsd->hgs", qg, keys.float()) / math.sqrt(q.shape[-1])
+    logits = qg @ keys.float().transpose(1, 2) / math.sqrt(q.shape[-1])
     logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    return _softmax_combine(logits, values.float().unsqueeze(1).expand(-1, qg.shape[1], -1, -1), q.shape[0])
+    return _softmax_combine(logits, values.float(), q.shape[0])
 
 
 def merge_partials(
@@ -114,11 +114,11 @@ def merge_partials(
 def _softmax_combine(
     logits: torch.Tensor, values: torch.Tensor, num_q_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax-weighted sum of `values[h, g, n, d]` by `logits[h, g, n]`, flattened to q heads."""
+    """Softmax-weighted sum of `values[h, n, d]` (shared by a GQA group) by `logits[h, g, n]`."""
     lse = torch.logsumexp(logits, dim=-1)
     finite = torch.isfinite(lse)
     weights = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-    out = torch.einsum("hgn,hgnd->hgd", weights, values)
+    out = weights @ values
     return out.reshape(num_q_heads, -1), lse.reshape(num_q_heads)
 
 
@@ -419,7 +419,7 @@ def lookup(
     candidates = torch.ones_like(index.levels[-1].counts, dtype=torch.bool)
     for lvl in range(len(index.levels) - 1, -1, -1):
         level = index.levels[lvl]
-        score = torch.einsum("hgd,hcd->hgc", qg, level.centroids) / math.sqrt(q.shape[-1])
+        score = qg @ level.centroids.transpose(1, 2) / math.sqrt(q.shape[-1])
         eligible = candidates & (level.counts > 0)
         logits = (score + level.counts.clamp_min(1).log().unsqueeze(1)).masked_fill(
             ~eligible.unsqueeze(1), float("-inf")
@@ -450,7 +450,6 @@ def approximate_attention(
     selection: Selection, index: ClusterIndex, num_q_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Centroid replacement: each approximated cluster adds N_i exp(s_i) Vc_i and N_i exp(s_i)."""
-    heads = index.window_keys.shape[0]
     logits = torch.cat(
         [
             (score + level.counts.clamp_min(1).log().unsqueeze(1)).masked_fill(
@@ -461,8 +460,7 @@ def approximate_attention(
         dim=-1,
     )
     values = torch.cat([level.value_centroids for level in index.levels], dim=1)
-    group = num_q_heads // heads
-    return _softmax_combine(logits, values.float().unsqueeze(1).expand(-1, group, -1, -1), num_q_heads)
+    return _softmax_combine(logits, values.float(), num_q_heads)
 
 
 def decode_attention(
