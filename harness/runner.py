@@ -78,14 +78,15 @@ def task_metadata(cfg: RunConfig) -> dict[str, Any]:
     """lm-eval task metadata: task defaults, then --metadata, then --data, then truncation settings."""
     spec = get_task(cfg.task)
     metadata = {**spec.default_metadata, **cfg.metadata, "data": cfg.data}
-    if spec.truncates_prompt and "max_len" not in metadata and cfg.url is None:
+    if spec.truncates_prompt and "max_len" not in metadata:
         engine = get_engine(cfg.engine)
-        window = engine.context_length(engine_options(cfg))
+        # An attached server's window is unknown: it must be given; a launched one's is the engine's.
+        window = cfg.max_model_len if cfg.url else engine.context_length(engine_options(cfg))
         if window is None:
-            raise ValueError(f"{cfg.task} truncates prompts to the model window: give --max-model-len")
+            raise ValueError(f"{cfg.task} truncates prompts to the model's window: give --max-model-len")
         max_gen = int(cfg.gen_kwargs.get("max_gen_toks", spec.default_max_gen_toks))
         metadata["max_len"] = window - max_gen - CHAT_TEMPLATE_HEADROOM
-        metadata["tokenizer"] = engine.tokenizer(resolve_model(engine, engine_options(cfg)))
+        metadata.setdefault("tokenizer", engine.tokenizer(resolve_model(engine, engine_options(cfg))))
     if metadata.get("max_len") is not None and metadata["max_len"] <= 0:
         raise ValueError(
             f"prompt budget max_len={metadata['max_len']} <= 0: raise --max-model-len or lower max_gen_toks"
@@ -95,11 +96,11 @@ def task_metadata(cfg: RunConfig) -> dict[str, Any]:
 
 def load_tasks(cfg: RunConfig, metadata: dict[str, Any]) -> dict[str, Any]:
     """lm-eval Task objects for this run, by lm-eval task name, in the benchmark's order."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     names = get_task(cfg.task).lm_eval_tasks(metadata)
     manager = TaskManager(include_path=str(tasks_path()), include_defaults=False, metadata=metadata)
-    loaded = get_task_dict(names, manager)
+    loaded = manager.load(names)["tasks"]
     return {name: loaded[name] for name in names}
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.engines import EngineOptions, resolve_model
+from harness.engines import EngineOptions
 
 HEALTH_PATH = "/v1/models"
 DEFAULT_CONTEXT = 8192  # SmolLM2's trained context; llama.cpp itself defaults to 2048
@@ -30,7 +30,7 @@ def default_model() -> str:
 def command(opts: EngineOptions, port: int) -> list[str]:
     if opts.attention_backend:
         raise ValueError("the llamacpp engine has no attention backends; drop --attention-backend")
-    model = resolve_model(sys.modules[__name__], opts)
+    model = opts.model or default_model()
     if not Path(model).is_file():
         raise FileNotFoundError(f"GGUF model {model!r} not found")
     return [

@@ -193,8 +193,8 @@ def _symbolic_judge_prompt(value: Any, reply: str) -> str:
         "    ",
         "    Examples:",
         '    1. input: "V0, V3, V4", output: "V0, V3, V4"',
-        f"    2. input: \"Variable V2 is equal to {value} in the assignment statement "
-        "'assign V2 = V1 - 1.'.\", output: \"V2\"",
+        f'    2. input: "Variable V2 is equal to {value} in the assignment statement '
+        '\'assign V2 = V1 - 1.\'.", output: "V2"',
         '    3. input: "The answer is: V1, V2.", output: "V1, V2"',
         f'    4. input: "There are no variables equal to {value}.", output: "None"',
         "",

@@ -53,9 +53,7 @@ COT_TEMPLATE = (
 )
 ANSWER_TEMPLATE = (
     "Please read the following text and answer the questions below.\n\n"
-    "The text is too long and omitted here.\n\n"
-    + _QUESTION
-    + "Let\u2019s think step by step: $COT$\n\n"
+    "The text is too long and omitted here.\n\n" + _QUESTION + "Let\u2019s think step by step: $COT$\n\n"
     "Based on the above, what is the single, most likely answer choice? Format your response as follows: "
     '"The correct answer is (insert answer here)".'
 )

@@ -1,0 +1,5 @@
+"""`python -m harness` is `mpeval`."""
+
+from harness.cli import main
+
+main()

@@ -1,0 +1,52 @@
+"""Small pieces with sharp edges: argument parsing, request translation, the append-only sample log."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+
+from harness.cli import parse_gen_kwargs, parse_metadata
+from harness.client import openai_params
+from harness.results import RunDir
+
+
+def test_gen_kwargs_use_lm_eval_syntax_and_types():
+    assert parse_gen_kwargs("max_gen_toks=256, temperature=0.1,do_sample=false,until=END") == {
+        "max_gen_toks": 256,
+        "temperature": 0.1,
+        "do_sample": False,
+        "until": "END",
+    }
+    assert parse_gen_kwargs("") == {}
+    with pytest.raises(click.BadParameter):
+        parse_gen_kwargs("max_gen_toks")
+
+
+def test_metadata_must_be_a_json_object():
+    assert parse_metadata('{"subsets": ["medium"]}') == {"subsets": ["medium"]}
+    for bad in ("[1]", "{subsets"):
+        with pytest.raises(click.BadParameter):
+            parse_metadata(bad)
+
+
+def test_openai_params_translate_lm_eval_names():
+    assert openai_params(
+        {"max_gen_toks": 64, "until": [], "do_sample": False, "temperature": 0.7, "seed": 3}
+    ) == {"max_tokens": 64, "temperature": 0.0, "seed": 3}
+    assert openai_params({"until": "\n\n", "top_p": 0.9}) == {"stop": ["\n\n"], "top_p": 0.9}
+    with pytest.raises(ValueError, match="unsupported generation argument 'num_beams'"):
+        openai_params({"num_beams": 4})
+
+
+def test_sample_log_is_append_only_and_survives_a_torn_line(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_sample({"key": "a", "n": 1})
+    run.append_sample({"key": "b", "n": 2})
+    with open(tmp_path / "samples.jsonl", "a") as f:
+        f.write('{"key": "c", "n"')  # killed mid-write
+    assert [r["key"] for r in run.samples()] == ["a", "b"]
+    run.append_sample({"key": "c", "n": 3})
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["a", "b", "c"]
