@@ -148,7 +148,7 @@ def centroid_scores(
         G_PAD=max(16, next_power_of_2(group)),
         BLOCK_C=block_c,
         IEEE=exact_dots(level.centroids.dtype),
-        num_warps=4,
+        num_warps=8,
     )
     return logits
 

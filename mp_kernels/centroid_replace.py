@@ -161,7 +161,7 @@ def _launch_replace(
         BLOCK_C=64,
         ALIGN=SPLIT_ALIGN,
         IEEE=exact_dots(values.dtype),
-        num_warps=4,
+        num_warps=8,
     )
 
 

@@ -43,7 +43,8 @@ def assign(
                 )
                 labels[ps:pe] = got.t().to(torch.int32)
         return labels
-    block_p = 64
+    ieee = exact_dots(points.dtype)
+    block_p = 32 if ieee else 64  # fp32 FMA tiles beyond 32x32 spill (ptxas resource report, sm_90)
     _assign_kernel[(point_start.shape[0] * heads, triton.cdiv(max_points, block_p))](
         points,
         centroids,
@@ -61,8 +62,8 @@ def assign(
         labels.stride(1),
         D=dim,
         BLOCK_P=block_p,
-        BLOCK_K=64,
-        IEEE=exact_dots(points.dtype),
+        BLOCK_K=block_p,
+        IEEE=ieee,
         num_warps=4,
     )
     return labels
@@ -125,7 +126,7 @@ def cluster_sums(
         HAS_WEIGHTS=weights is not None,
         D=dim,
         BLOCK_P=block_p,
-        num_warps=4,
+        num_warps=8,
     )
     return sums, totals
 

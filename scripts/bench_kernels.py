@@ -27,7 +27,8 @@ import time
 import torch
 
 from mp_kernels import kmeans
-from mp_kernels.centroid_lookup import lookup
+from mp_kernels import sparse_decode as sparse_module
+from mp_kernels.centroid_lookup import centroid_scores, lookup, select_within_budget
 from mp_kernels.centroid_replace import centroid_replace, merge_partials
 from mp_kernels.decode import default_splits, multipole_decode
 from mp_kernels.layout import BatchIndex, LevelTensors, PagedKV
@@ -37,6 +38,7 @@ HQ, HKV, DIM, PAGE = 32, 8, 128, 16
 SINKS, RECENT, BLOCK, TPC = 10, 128, 8192, 16
 KMEANS_ITERS, UPDATE_ITERS, UPDATE_BLOCK = 10, 3, 128
 DT = torch.bfloat16
+CONTEXTS: list[int] = []
 DEVICE = "cuda"  # --smoke-cpu switches to the CPU (torch references, host timers) to check the script
 
 
@@ -49,12 +51,19 @@ def main() -> None:
     if args.smoke_cpu:
         global DEVICE
         DEVICE = "cpu"
-        result: dict = {"device": "cpu (smoke test)", "rows": [], "build": []}
+        result: dict = {"device": "cpu (smoke test)", "rows": [], "build": [], "tiles": []}
     else:
         props = torch.cuda.get_device_properties(0)
-        result = {"device": props.name, "sms": props.multi_processor_count, "rows": [], "build": []}
+        result = {
+            "device": props.name,
+            "sms": props.multi_processor_count,
+            "rows": [],
+            "build": [],
+            "tiles": [],
+        }
     result["copy_gbps"] = _copy_bandwidth()
     print(f"device {result['device']}; measured copy bandwidth {result['copy_gbps']:.0f} GB/s", flush=True)
+    CONTEXTS[:] = args.contexts
     configs = [(c, b) for c in args.contexts for b in args.batches]
     fi = {"status": "not run"} if args.smoke_cpu else _run_flashinfer_child(configs, args.flashinfer_timeout)
     result["flashinfer"] = fi.get("status", "ok")
@@ -258,6 +267,12 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
             "merge": _time_graph(lambda: merge_partials(out_ws, lse_ws, q.dtype)),  # noqa: B023
             "total": _time_graph(lambda: multipole_decode(q, q, kv, index, budget, max_exact)),  # noqa: B023
         }
+        if batch == 1:  # the parts of the lookup
+            scale = 1 / math.sqrt(DIM)
+            t["scores"] = _time_graph(lambda: centroid_scores(q, level, None, scale))
+            t["select"] = _time_graph(lambda: select_within_budget(found.logits[0], level, budget))
+        if frac == 0.02 and ctx == max(CONTEXTS) and batch in (1, 8):
+            result["tiles"].append(_tile_variants(ctx, batch, q, kv, found, s_exact, t["sparse"]))
         exact_tokens = int(found.token_len.sum())
         clusters = int(level.num_clusters.sum()) * HKV
         approx = int(((found.selected[0] == 0) & torch.isfinite(found.logits[0][:, :: HQ // HKV])).sum())
@@ -292,6 +307,24 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _tile_variants(ctx, batch, q, kv, found, splits, current_ms) -> dict:
+    """The sparse kernel under other tile shapes (tokens per tile x warps) on the same list."""
+    row = {"ctx": ctx, "batch": batch, "current": dict(sparse_module.SPARSE_TILE), "current_ms": current_ms}
+    saved = dict(sparse_module.SPARSE_TILE)
+    for block_n, warps in ((32, 4), (32, 8), (16, 4), (64, 4)):
+        sparse_module.SPARSE_TILE.update(BLOCK_N=block_n, num_warps=warps)
+        row[f"{block_n}x{warps}"] = _time_graph(
+            lambda: sparse_decode(q, kv, found.token_pos, found.token_len, splits)
+        )
+    for splits_x in (0.5, 2.0):
+        sparse_module.SPARSE_TILE.update(saved)
+        n = max(1, int(splits * splits_x))
+        row[f"splits={n}"] = _time_graph(lambda: sparse_decode(q, kv, found.token_pos, found.token_len, n))
+    sparse_module.SPARSE_TILE.update(saved)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def _dense_fp32(q, kd, vd) -> torch.Tensor:
@@ -450,6 +483,18 @@ def _print_table(result: dict) -> None:
             err,
         )
         print("| " + " | ".join(str(c) for c in cells) + " |")
+    for r in result["tiles"]:
+        print(
+            f"sparse tile shapes ctx={r['ctx']} B={r['batch']}: "
+            + ", ".join(f"{k} {v * 1e3:.1f}us" for k, v in r.items() if k not in ("ctx", "batch", "current"))
+        )
+    for r in result["rows"]:
+        if "scores" in r.get("ms", {}):
+            print(
+                f"lookup parts ctx={r['ctx']} {r['mode']} {r['budget']:.0%}: "
+                f"scores {r['ms']['scores'] * 1e3:.1f}us, "
+                f"select {r['ms']['select'] * 1e3:.1f}us, lookup {r['ms']['lookup'] * 1e3:.1f}us"
+            )
     for b in result["build"]:
         print(
             f"build ctx={b['ctx']} ({b['mode']}): index {b['build_ms']:.1f} ms vs causal attention prefill "
