@@ -157,7 +157,7 @@ def run(
         engine=engine,
         metadata=parse_metadata(metadata_json),
         gen_kwargs=parse_gen_kwargs(gen_kwargs),
-        judge=judge or ("launch" if engine == "sglang" else "self"),
+        judge=judge or ("launch" if engine == "sglang" and not options["url"] else "self"),
         server_args=shlex.split(server_args),
         judge_server_args=shlex.split(judge_server_args),
         server_timeout_s=server_timeout,

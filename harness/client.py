@@ -32,22 +32,21 @@ _GEN_TO_OPENAI = {
 
 
 def openai_params(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Translate lm-eval generation kwargs into OpenAI chat parameters; reject names we cannot honour."""
-    params: dict[str, Any] = {}
-    for key, value in gen_kwargs.items():
-        if key == "do_sample":
-            if not value:
-                params["temperature"] = 0.0
-            continue
-        if key not in _GEN_TO_OPENAI:
-            raise ValueError(
-                f"unsupported generation argument {key!r}; known: do_sample, {', '.join(_GEN_TO_OPENAI)}"
-            )
-        if key == "until":
-            value = [value] if isinstance(value, str) else list(value)
-            if not value:
-                continue
-        params[_GEN_TO_OPENAI[key]] = value
+    """Translate lm-eval generation kwargs into OpenAI chat parameters; reject names we cannot honour.
+
+    `do_sample=False` means greedy, so it forces temperature 0 whatever `temperature` says.
+    """
+    unknown = set(gen_kwargs) - set(_GEN_TO_OPENAI) - {"do_sample"}
+    if unknown:
+        known = ", ".join(["do_sample", *_GEN_TO_OPENAI])
+        raise ValueError(f"unsupported generation argument {sorted(unknown)[0]!r}; known: {known}")
+    params = {_GEN_TO_OPENAI[k]: v for k, v in gen_kwargs.items() if k in _GEN_TO_OPENAI}
+    if "stop" in params:
+        stop = [params["stop"]] if isinstance(params["stop"], str) else list(params["stop"])
+        if stop:
+            params["stop"] = stop
+        else:
+            del params["stop"]
     if gen_kwargs.get("do_sample") is False:
         params["temperature"] = 0.0
     return params

@@ -20,6 +20,7 @@ from harness import results
 from harness.client import ChatClient, openai_params
 from harness.engines import EngineOptions, get_engine, open_endpoint, resolve_model
 from harness.judge import Judge, digest, parse_output
+from harness.tasks import data as data_sources
 from harness.tasks import get_task, tasks_path
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def engine_options(cfg: RunConfig) -> EngineOptions:
 def task_metadata(cfg: RunConfig) -> dict[str, Any]:
     """lm-eval task metadata: task defaults, then --metadata, then --data, then truncation settings."""
     spec = get_task(cfg.task)
-    metadata = {**spec.default_metadata, **cfg.metadata, "data": cfg.data}
+    # Resolved once here, so the config records what was used ("auto" becomes "hub" or "sample").
+    metadata = {**spec.default_metadata, **cfg.metadata, "data": data_sources.resolve_source(cfg.data)}
     if spec.truncates_prompt and "max_len" not in metadata:
         engine = get_engine(cfg.engine)
         # An attached server's window is unknown: it must be given; a launched one's is the engine's.

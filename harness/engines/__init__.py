@@ -62,7 +62,7 @@ def open_endpoint(
             yield client
         return
     if url is not None:
-        with attached(url, engine.HEALTH_PATH, timeout_s=min(timeout_s, 60.0)) as server:
+        with attached(url, engine.HEALTH_PATH, timeout_s=min(timeout_s, 30.0)) as server:
             yield ChatClient(server.base_url)
         return
     port = free_port(opts.host)

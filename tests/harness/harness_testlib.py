@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.engines import EngineOptions, get_engine
-from harness.server import free_port, launched
+for _module in ("lm_eval", "datasets", "matplotlib"):
+    pytest.importorskip(_module, reason="the eval extra is not installed: pip install -e '.[eval]'")
+
+from harness.engines import EngineOptions, get_engine  # noqa: E402
+from harness.server import free_port, launched  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 

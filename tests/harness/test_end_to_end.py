@@ -99,6 +99,8 @@ def test_longbench_v2_launches_its_own_server_truncates_and_tears_down(tmp_path)
         "llamacpp",
         "--max-model-len",
         "1024",
+        "--limit",
+        "2",
         "--data",
         "sample",
         "--gen-kwargs",
@@ -115,7 +117,9 @@ def test_longbench_v2_launches_its_own_server_truncates_and_tears_down(tmp_path)
     assert config["task_metadata"]["max_len"] == 1024 - 24 - 64
     assert config["task_metadata"]["tokenizer"].endswith(".gguf")
     samples = _samples(run)
-    assert len(samples) == 6 and all(s["prompt_tokens"] <= 1024 for s in samples)
+    assert len(samples) == 2 and all(s["prompt_tokens"] <= 1024 for s in samples)
+    # The first sample row is ~3,000 tokens long: it must arrive cut to the budget, not whole or empty.
+    assert samples[0]["groups"]["length"] == "long" and 800 < samples[0]["prompt_tokens"] <= 1024
     assert all(s["judge_prompt_hash"] for s in samples)
     assert "Overall" in proc.stdout and "Easy" in proc.stdout
     assert "llama_cpp.server" in (run / "server.log").read_text()
@@ -168,6 +172,8 @@ def test_bad_input_gives_clear_errors(tmp_path):
         "gsm-infinite",
         "--url",
         "http://127.0.0.1:9",
+        "--server-timeout",
+        "3",
         "--data",
         "sample",
         "--limit",
@@ -176,7 +182,7 @@ def test_bad_input_gives_clear_errors(tmp_path):
         str(tmp_path),
         check=False,
     )
-    assert dead.returncode == 1 and "not healthy" in dead.stderr and time.monotonic() - start < 120
+    assert dead.returncode == 1 and "not healthy after 3s" in dead.stderr and time.monotonic() - start < 60
     missing = mpeval(
         "run",
         "gsm-infinite",
