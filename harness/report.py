@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness import results  # noqa: E402
 from harness.judge import judge_stats  # noqa: E402
@@ -93,6 +94,7 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> Path:
                 ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], xs)
             else:
                 ax.plot(xs, ys, marker="o", label=f"{label(s)} {name}")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(data["xlabel"])
         ax.set_ylabel(data["ylabel"])
     ax.set_title(", ".join(sorted({s["task"] for s in summaries})))

@@ -8,7 +8,6 @@ samples once a whole task is done, while a resumable run must persist each sampl
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +21,6 @@ from harness.engines import EngineOptions, get_engine, open_endpoint, resolve_mo
 from harness.judge import Judge, digest, parse_output
 from harness.tasks import data as data_sources
 from harness.tasks import get_task, tasks_path
-
-log = logging.getLogger(__name__)
 
 # Fields that must match for --resume to continue a run (anything else, e.g. --limit, may change).
 RESUME_KEYS = (
