@@ -3,8 +3,9 @@
 For each backend named in ``--attention-backend`` this starts ``python -m sglang.launch_server`` on
 the given model in its own process group, waits for ``/health``, sends one chat request through the
 OpenAI-compatible API (greedy, ``ignore_eos`` so a random model still answers), checks the answer is
-non-empty, then stops the whole group (SIGTERM, then SIGKILL) so no scheduler or detokenizer process
-outlives it. A summary table comes last; the exit code is non-zero if any backend failed.
+non-empty, then stops the server (SIGTERM to it, SIGKILL to whatever is left of its process group) so
+no scheduler or detokenizer process outlives it. A summary table comes last; the exit code is non-zero
+if any backend failed.
 
     python3 scripts/smoke_serve.py --model-path /tmp/rand-llama --attention-backend triton flashinfer
 """
@@ -50,24 +51,29 @@ def _post(url: str, body: dict, timeout: float) -> dict:
 
 
 def _stop(proc: subprocess.Popen, grace: float) -> None:
-    """Stop the server's whole process group: sglang forks scheduler and detokenizer processes."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+    """Stop the server, then anything left in its process group.
+
+    SIGTERM goes to the server process alone: sglang's handler drains and stops its scheduler and
+    detokenizer itself (signalling them directly makes it log a crash and wait 5 s). Whatever is still
+    in the group after ``grace`` seconds gets SIGKILL.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            continue
-        # the leader is gone; members may linger briefly
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+            pass
+    deadline = time.monotonic() + grace
+    while _orphans(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10.0)
+    deadline = time.monotonic() + 10.0
+    while _orphans(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _orphans(pgid: int) -> list[str]:

@@ -67,10 +67,10 @@ SERVE_SKIP = {
     "smg-grpc-servicer": "gRPC entry point",
     "checkpoint-engine": "weight-update service",
     "mistral-common": "Mistral tokenizers",
-    "openai-harmony": "gpt-oss chat format; sglang loads /v1/responses in a try",
+    "openai-harmony": "gpt-oss format; without it sglang disables /v1/responses at start-up",
     "anthropic": "Anthropic-compatible API endpoint",
     "torch-memory-saver": "RL weight offloading",
-    "numba": "sglang pins 0.65.1; the host's 0.68 serves the paths we run",
+    "numba": "pin 0.65.1 would downgrade the host's numba and llvmlite; one image processor imports it",
     "kernels": "HF kernel hub loader",
     "cuda-python": "metapackage: the host's cuda-bindings provides the modules, and no release fits "
     "the host's cuda-core 1.2 with cuda-bindings 13.3",
