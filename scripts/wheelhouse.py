@@ -210,6 +210,7 @@ class Resolver:
         self.skipped: dict[str, list[str]] = {}
         self.notes: list[str] = []
         self._excluded: dict[str, list[Version]] = {}
+        self._why: dict[str, str] = {}  # why the last excluded version of a package failed
 
     def _applies(self, req: Requirement, extras: set[str] = frozenset()) -> bool:
         """Whether ``req`` holds on the target, with or without the given extras."""
@@ -283,9 +284,11 @@ class Resolver:
         try:
             wheel = self._download(name, spec)
         except RuntimeError as e:
-            if pick is None:
-                raise
-            raise Conflict(need, f"{name}{spec} (with earlier needs) has no wheel") from e
+            if pick is not None:
+                raise Conflict(need, f"{name}{spec} (with earlier needs) has no wheel") from e
+            if name in self._why:
+                raise RuntimeError(f"no version of {name} fits; the last one tried: {self._why[name]}") from e
+            raise
         if pick is not None:
             self._say(f"re-pick {name}: {pick.version} fails {req.specifier} ({need.who})")
             if pick.wheel != wheel:
@@ -307,6 +310,7 @@ class Resolver:
         bad.wheel.unlink()
         excluded = self._excluded.setdefault(need.parent, [])
         excluded.append(bad.version)
+        self._why[need.parent] = str(conflict)
         if len(excluded) > self.MAX_BACKTRACK:
             raise RuntimeError(f"gave up on {need.parent} after {len(excluded)} versions: {conflict}")
         self._say(f"backtrack: {conflict}; trying {need.parent}!={bad.version}")

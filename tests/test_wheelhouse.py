@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,87 @@ def test_verify_command_exit_codes(built, tmp_path, capsys):
     assert "reassembled and verified 6 files" in capsys.readouterr().out
     shutil.rmtree(chunks / manifest["chunks"][0])
     assert main(["verify", "--chunks", str(chunks), "--dest", str(tmp_path / "w2")]) == 2
+
+
+# --- resolution (scripts/wheelhouse.py), against a local stand-in for the index --------------------
+
+wheelhouse = pytest.importorskip("wheelhouse", reason="needs the packaging library")
+
+
+class LocalResolver(wheelhouse.Resolver):
+    """Resolver whose downloads come from an in-memory index instead of PyPI."""
+
+    def __init__(self, index: dict[str, dict[str, list[str]]], **kw):
+        super().__init__(**kw)
+        self.index = index
+        self.downloads: list[str] = []
+
+    def _download(self, name, spec):
+        from packaging.version import Version
+
+        versions = [v for v in self.index.get(name, {}) if spec.contains(v, prereleases=True)]
+        if not versions:
+            raise RuntimeError(f"no {name}{spec}")
+        v = max(versions, key=Version)
+        wheel = self.wheels / f"{name.replace('-', '_')}-{v}-py3-none-any.whl"
+        meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {v}\n"
+        meta += "".join(f"Requires-Dist: {r}\n" for r in self.index[name][v]) + "\nbody\n"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"{name.replace('-', '_')}-{v}.dist-info/METADATA", meta)
+        self.downloads.append(f"{name}=={v}")
+        return wheel
+
+
+def _resolver(tmp_path, index, host, skip=None):
+    target = wheelhouse.Target("3.12.3", "2.39", 13)
+    (tmp_path / "w").mkdir()
+    return LocalResolver(index, target=target, host=host, skip=skip or {}, wheels=tmp_path / "w")
+
+
+def test_resolver_uses_host_skips_markers_and_backtracks_off_protected(tmp_path):
+    index = {
+        "app": {"1.0": ["lib>=1", "torch==2.11.0", "numpy", "big; extra == 'x'",
+                        "winonly; sys_platform == 'win32'", "skipme"]},
+        "lib": {"2.0": ["torch==2.14.1"], "1.5": ["torch>=2.4"]},
+        "big": {"0.1": []},
+    }
+    r = _resolver(tmp_path, index, {"torch": "2.11.0", "numpy": "2.5.2"}, {"skipme": "not needed"})
+    r.resolve(["app[x]==1.0"])
+    assert {n: str(p.version) for n, p in r.picks.items()} == {"app": "1.0", "lib": "1.5", "big": "0.1"}
+    assert r.from_host == {"torch": "2.11.0", "numpy": "2.5.2"}
+    assert list(r.skipped) == ["skipme"]
+    on_disk = sorted(p.name for p in (tmp_path / "w").iterdir())
+    assert on_disk == sorted(p.wheel.name for p in r.picks.values())
+
+
+def test_resolver_repicks_on_a_narrower_need_and_drops_orphans(tmp_path):
+    index = {
+        "a": {"1": ["dep", "b"]},
+        "b": {"1": ["dep<3"]},
+        "dep": {"3.0": ["only-in-dep3"], "2.0": []},
+        "only-in-dep3": {"1": []},
+    }
+    r = _resolver(tmp_path, index, {})
+    r.resolve(["a"])
+    assert {n: str(p.version) for n, p in r.picks.items()} == {"a": "1", "b": "1", "dep": "2.0"}
+    assert not list((tmp_path / "w").glob("only_in_dep3*")) and not list((tmp_path / "w").glob("dep-3.0*"))
+
+
+def test_resolver_refuses_to_replace_protected_host_packages(tmp_path):
+    r = _resolver(tmp_path, {"app": {"1": ["torch==2.14.1"]}}, {"torch": "2.11.0"})
+    with pytest.raises(RuntimeError, match="no version of app fits.*torch==2.11.0 and it must stay"):
+        r.resolve(["app"])
+
+
+def test_freeze_parsing_and_target_tags(tmp_path):
+    f = tmp_path / "freeze.txt"
+    f.write_text("# comment\nTorch==2.11.0\nmy_pkg @ file:///x\n\nnumpy==2.5.2\n")
+    assert wheelhouse.read_freeze(f) == {"torch": "2.11.0", "my-pkg": "", "numpy": "2.5.2"}
+    f.write_text("torch>=2\n")
+    with pytest.raises(ValueError, match="not a freeze line"):
+        wheelhouse.read_freeze(f)
+    args = wheelhouse.Target("3.12.3", "2.39", 13).pip_args()
+    assert "manylinux_2_34_x86_64" in args and "manylinux_2_17_x86_64" in args  # sglang 0.5.17 is 2_34
+    assert "manylinux_2_40_x86_64" not in args
+    with pytest.raises(ValueError, match="glibc"):
+        wheelhouse.Target("3.12", "2.5", 13).pip_args()
