@@ -17,6 +17,7 @@ around a few hundred centres per head). Prints the table last; writes all number
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from mp_kernels.sparse_decode import sparse_decode
 HQ, HKV, DIM, PAGE = 32, 8, 128, 16
 SINKS, RECENT, BLOCK, TPC = 10, 128, 8192, 16
 KMEANS_ITERS, UPDATE_ITERS, UPDATE_BLOCK = 10, 3, 128
+LEVEL_RATIO, LEVEL_BUDGET_MULTIPLIER = 8, 4.0
 DT = torch.bfloat16
 CONTEXTS: list[int] = []
 DEVICE = "cuda"  # --smoke-cpu switches to the CPU (torch references, host timers) to check the script
@@ -51,7 +53,7 @@ def main() -> None:
     if args.smoke_cpu:
         global DEVICE
         DEVICE = "cpu"
-        result: dict = {"device": "cpu (smoke test)", "rows": [], "build": [], "tiles": []}
+        result: dict = {"device": "cpu (smoke test)", "rows": [], "build": [], "tiles": [], "hierarchy": []}
     else:
         props = torch.cuda.get_device_properties(0)
         result = {
@@ -60,6 +62,7 @@ def main() -> None:
             "rows": [],
             "build": [],
             "tiles": [],
+            "hierarchy": [],
         }
     result["copy_gbps"] = _copy_bandwidth()
     print(f"device {result['device']}; measured copy bandwidth {result['copy_gbps']:.0f} GB/s", flush=True)
@@ -171,7 +174,9 @@ def _blocks(ctx: int) -> list[tuple[int, int]]:
     return out
 
 
-def _build_index(k_pool, v_pool, batch: int, ctx: int, iters: int) -> tuple[BatchIndex, float]:
+def _build_index(
+    k_pool, v_pool, batch: int, ctx: int, iters: int, levels: int = 1
+) -> tuple[BatchIndex, float]:
     """Index of every request by our batched k-means, read in place from the pool (each k-means block
     of each request is one segment; bf16 keys, fp32 means); returns it and the ms it took."""
     blocks = _blocks(ctx)
@@ -203,9 +208,12 @@ def _build_index(k_pool, v_pool, batch: int, ctx: int, iters: int) -> tuple[Batc
         num_clusters=per_req.to(torch.int32),
         max_clusters=int(per_req.max()),
     )
+    all_levels = (level,)
+    if levels == 2:
+        all_levels = _with_coarse_level(level, cen, vcen, counts, cs, ncl, batch, iters)
     full = lambda v: torch.full((batch,), v, dtype=torch.int32, device=DEVICE)  # noqa: E731
     index = BatchIndex(
-        (level,),
+        all_levels,
         (torch.cumsum(cnt, 0) - cnt).to(torch.int32),
         members,
         full(SINKS),
@@ -219,6 +227,33 @@ def _build_index(k_pool, v_pool, batch: int, ctx: int, iters: int) -> tuple[Batc
 def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+
+
+def _with_coarse_level(level, cen, vcen, counts, cs, ncl, batch, iters) -> tuple[LevelTensors, ...]:
+    """Add a coarse level (clusters of clusters, LEVEL_RATIO children each, count-weighted k-means
+    per block, as the reference's hierarchy); `parent` holds request-local coarse ids."""
+    ncl1 = (ncl + LEVEL_RATIO - 1) // LEVEL_RATIO
+    cs1 = (torch.cumsum(ncl1, 0) - ncl1).to(torch.int32)
+    init = cen[(cs.long().repeat_interleave(ncl1.long()) + _ranks(ncl1))]
+    max_c = int(ncl.max())
+    cen1, labels1 = kmeans.lloyd(
+        cen, init, cs, ncl, cs1, ncl1, max_c, iters, torch.Generator().manual_seed(1), weights=counts
+    )
+    vcen1, counts1 = kmeans.cluster_means(vcen, labels1, cs, ncl, cs1, torch.zeros_like(cen1), max_c, counts)
+    per_req = ncl1.view(batch, -1).sum(1)
+    start1 = (torch.cumsum(per_req, 0) - per_req).to(torch.int32)
+    nblocks = ncl1.shape[0] // batch
+    block_offset = cs1 - start1.repeat_interleave(nblocks)  # first coarse id of each block in its request
+    parent = (labels1 + block_offset.repeat_interleave(ncl.long()).unsqueeze(-1)).to(torch.int32)
+    coarse = LevelTensors(
+        centroids=cen1.to(DT),
+        value_centroids=vcen1.to(DT),
+        counts=counts1.round().to(torch.int32),
+        cluster_start=start1,
+        num_clusters=per_req.to(torch.int32),
+        max_clusters=int(per_req.max()),
+    )
+    return (dataclasses.replace(level, parent=parent), coarse)
 
 
 def _ranks(ncl: torch.Tensor) -> torch.Tensor:
@@ -245,6 +280,7 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
     index, build_ms = _build_index(k_pool, v_pool, batch, ctx, KMEANS_ITERS)
     if batch == 1 and ctx in (32768, 131072):
         result["build"].append(_build_row(ctx, mode, build_ms, k_pool, v_pool, q, index))
+        result["hierarchy"].append(_hierarchy_row(ctx, mode, k_pool, v_pool, q))
 
     kd = k_pool.view(batch, ctx, HKV, DIM).transpose(1, 2).contiguous()
     vd = v_pool.view(batch, ctx, HKV, DIM).transpose(1, 2).contiguous()
@@ -321,6 +357,29 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _hierarchy_row(ctx, mode, k_pool, v_pool, q) -> dict:
+    """Two levels (coarse level first) against the flat index at batch 1, 2 % budget."""
+    kv = _pool(k_pool, v_pool, 1, ctx)
+    budget = torch.full((1,), int(0.02 * ctx), dtype=torch.int32, device=DEVICE)
+    max_exact = SINKS + int(0.02 * ctx) + RECENT
+    kd = k_pool.view(1, ctx, HKV, DIM).transpose(1, 2)
+    vd = v_pool.view(1, ctx, HKV, DIM).transpose(1, 2)
+    dense = _dense_fp32(q, kd, vd)
+    row = {"ctx": ctx, "mode": mode}
+    for levels in (1, 2):
+        index, _ = _build_index(k_pool, v_pool, 1, ctx, KMEANS_ITERS, levels)
+
+        def step():
+            return multipole_decode(
+                q, q, kv, index, budget, max_exact, level_budget_multiplier=LEVEL_BUDGET_MULTIPLIER
+            )
+
+        row[f"L{levels}_ms"] = _time_graph(step)
+        row[f"L{levels}_err"] = float((step().float() - dense).norm() / dense.norm())
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def _tile_variants(ctx, batch, q, kv, found, splits, current_ms) -> dict:
@@ -487,6 +546,11 @@ def _print_table(result: dict) -> None:
             err,
         )
         print("| " + " | ".join(str(c) for c in cells) + " |")
+    for r in result["hierarchy"]:
+        print(
+            f"hierarchy ctx={r['ctx']} {r['mode']} 2%: flat {r['L1_ms'] * 1e3:.1f}us err {r['L1_err']:.3f}; "
+            f"two levels {r['L2_ms'] * 1e3:.1f}us err {r['L2_err']:.3f}"
+        )
     for r in result["tiles"]:
         print(
             f"sparse tile shapes ctx={r['ctx']} B={r['batch']}: "
