@@ -1,0 +1,266 @@
+"""The sglang attention backend "multipole": dense prefill, Multipole Attention decode.
+
+Every forward first runs a dense backend sglang already has (triton on a GPU, torch_native
+elsewhere): it writes the new keys and values into the paged pool and computes exact attention,
+which is right for prefill (compute-bound, not what the method speeds up) and for short contexts.
+Then every query that attends as a decode step — a DECODE row, or an EXTEND/MIXED row with a
+single new token — over a context of at least `dense_below` tokens gets the method's output
+instead: its keys and values are read from the pool through req_to_token, its cluster index
+(`mp_sglang.index`) is built or brought up to date from them, and the exact part, the centroid
+part and their LSE merge are computed (`_attend_method_rows`, the seam where the mp_kernels path
+will plug in; today the plain-torch reference, on the CPU).
+
+Because the index is always made from what the pool holds, radix-cache prefix hits and chunked
+prefills need no special case: the index of a request is built at its first decode-like step
+over its whole cache, and updated blockwise (`update_index`) at every step after.
+
+Not yet: CUDA graphs (refused with a message), GPU kernels, speculative decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from mp_sglang.config import MultipoleConfig
+from mp_sglang.index import IndexTable
+from mp_sglang.reference import decode_attention
+from mp_sglang.rope import Rope
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Positions compared when checking that a rebuilt RoPE matches the model's cos/sin cache.
+_ROPE_CHECK_POSITIONS = 4096
+
+
+@dataclass(frozen=True)
+class _MethodRow:
+    """A query the method answers: its row in q, its request row, and its context length."""
+
+    query: int
+    req: int
+    seq_len: int
+    generation: int
+
+
+class MultipoleAttnBackend(AttentionBackend):
+    """Multipole Attention for MHA/GQA models on sglang's paged KV pool."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        super().__init__()
+        reason = _unsupported(runner)
+        if reason:
+            raise ValueError(f"--attention-backend multipole: {reason}")
+        self.cfg = _config_from_env()
+        self.dense_name = "triton" if str(runner.device).startswith("cuda") else "torch_native"
+        self.dense: AttentionBackend = ATTENTION_BACKENDS[self.dense_name](runner)
+        self.req_to_token_pool = runner.req_to_token_pool
+        self.kv_pool = runner.token_to_kv_pool
+        self.rope: Rope | None = None
+        if self.cfg.windowed_rope:
+            self.rope, why_not = model_rope(getattr(runner, "model", None), self.kv_pool.head_dim)
+            if self.rope is None:
+                logger.warning("multipole: windowed_rope disabled, keys clustered as stored: %s", why_not)
+                self.cfg = replace(self.cfg, windowed_rope=False)
+        self.table = IndexTable(self.req_to_token_pool.req_to_token.shape[0])
+        self._rows: list[_MethodRow] = []
+        logger.info(
+            "multipole: dense path %s, index table of %d request rows (CPU reference), settings %s",
+            self.dense_name,
+            self.table.num_rows,
+            self.cfg.to_dict(),
+        )
+
+    # ------------------------------------------------------------------ metadata
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        """Prepare the dense backend, retire stale indexes and pick the rows the method answers."""
+        self.dense.init_forward_metadata(forward_batch)
+        pool = self.req_to_token_pool
+        self.table.sync(pool.req_generation, pool.free_slots)
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            self._rows = []
+            return
+        reqs = forward_batch.req_pool_indices.tolist()
+        seq_lens = _cpu_list(forward_batch.seq_lens_cpu, forward_batch.seq_lens)
+        if mode.is_decode():
+            new_tokens = [1] * len(reqs)
+        else:
+            new_tokens = _cpu_list(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)
+            # A prefilled row holds new contents: its index is rebuilt from the pool when it next
+            # decodes. (In a MIXED batch a one-token row is a running decode and keeps its index.)
+            self.table.drop(
+                req for req, n in zip(reqs, new_tokens, strict=True) if n > 1 or not mode.is_mixed()
+            )
+        self._rows = []
+        end = 0
+        for req, seq_len, n in zip(reqs, seq_lens, new_tokens, strict=True):
+            end += n
+            if n == 1 and seq_len >= self.cfg.dense_below:
+                self._rows.append(_MethodRow(end - 1, req, seq_len, int(pool.req_generation[req])))
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        raise NotImplementedError(
+            "the multipole attention backend does not support CUDA graphs yet; "
+            "launch with --disable-cuda-graph"
+        )
+
+    def support_triton(self) -> bool:
+        return self.dense.support_triton()
+
+    # ------------------------------------------------------------------ forward
+
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        _check_layer(layer)
+        out = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        return self._attend_method_rows(q, out, layer)
+
+    def forward_extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        _check_layer(layer)
+        out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        return self._attend_method_rows(q, out, layer)
+
+    def _attend_method_rows(self, q: torch.Tensor, out: torch.Tensor, layer: RadixAttention) -> torch.Tensor:
+        """Overwrite the dense output of the method's rows with Multipole Attention, in place.
+
+        Runs after the dense backend, so the pool already holds each row's own key and value.
+        """
+        if not self._rows:
+            return out
+        dim = layer.qk_head_dim
+        queries = q.reshape(-1, layer.tp_q_head_num, dim)
+        outputs = out.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        key_buffer = self.kv_pool.get_key_buffer(layer.layer_id)
+        value_buffer = self.kv_pool.get_value_buffer(layer.layer_id)
+        # The reference assumes softmax(q.k / sqrt(d)); fold the layer's own scaling into q.
+        q_scale = layer.scaling * math.sqrt(dim)
+        for row in self._rows:
+            slots = self.req_to_token_pool.req_to_token[row.req, : row.seq_len].long()
+            keys = key_buffer[slots].transpose(0, 1).cpu()
+            values = value_buffer[slots].transpose(0, 1).cpu()
+            index = self.table.ensure(
+                row.req, row.generation, layer.layer_id, keys, values, self.cfg, self.rope
+            )
+            query = queries[row.query].float().cpu() * q_scale
+            outputs[row.query] = decode_attention(query, keys, values, index, self.cfg).to(outputs)
+        return out
+
+
+# ---------------------------------------------------------------------- start-up checks
+
+
+def _config_from_env() -> MultipoleConfig:
+    try:
+        return MultipoleConfig.from_env()
+    except ValueError as err:
+        raise ValueError(
+            f"--attention-backend multipole: invalid MULTIPOLE_* settings: {err} (see docs/usage.md)"
+        ) from err
+
+
+def _unsupported(runner: ModelRunner) -> str | None:
+    """Why the method cannot serve this model runner (naming a backend to use instead), or None."""
+    model_config = runner.model_config
+    pool = runner.token_to_kv_pool
+    if runner.use_mla_backend:
+        return "MLA models are not covered by Multipole Attention; use --attention-backend flashinfer or fa3"
+    if getattr(runner, "sliding_window_size", None) is not None or getattr(
+        model_config, "is_hybrid_swa", False
+    ):
+        return "sliding-window attention is not covered; use --attention-backend triton or fa3"
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "encoder-decoder models (cross-attention) are not covered; use --attention-backend flashinfer"
+    if not runner.spec_algorithm.is_none():
+        return "speculative decoding is not supported yet; use --attention-backend triton or flashinfer"
+    if pool.dtype not in _KV_DTYPES:
+        return f"KV cache dtype {pool.dtype} is not supported; use --kv-cache-dtype auto"
+    if getattr(pool, "kv_cache_layout", "nhd") != "nhd":
+        return f"KV cache layout {pool.kv_cache_layout!r} is not supported; unset SGLANG_USE_HND_KVCACHE"
+    return None
+
+
+def _check_layer(layer: RadixAttention) -> None:
+    """Layer features the method does not model, refused at the layer's first forward."""
+    problems = []
+    if layer.is_cross_attention:
+        problems.append("cross-attention (use --attention-backend flashinfer)")
+    if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+        problems.append("sliding-window attention (use --attention-backend triton)")
+    if layer.logit_cap and layer.logit_cap > 0:
+        problems.append("attention logit soft-capping (use --attention-backend triton)")
+    if layer.qk_head_dim != layer.v_head_dim:
+        problems.append("different key and value head sizes (use --attention-backend triton)")
+    if problems:
+        raise NotImplementedError(f"multipole: layer {layer.layer_id} uses {', '.join(problems)}")
+
+
+def model_rope(model: torch.nn.Module | None, head_dim: int) -> tuple[Rope | None, str]:
+    """The rotary embedding the model applied to its cached keys, as a `Rope`, or why there is none.
+
+    Takes the model's first sglang `RotaryEmbedding`, rebuilds its inverse frequencies with
+    `_compute_inv_freq(base)`, and accepts them only if they reproduce the module's own cos/sin
+    cache: a variant whose cache is not cos/sin(position x inv_freq) (linear scaling, YaRN's
+    attention factor, M-RoPE) is refused rather than guessed.
+    """
+    from sglang.srt.layers.rotary_embedding import RotaryEmbedding
+
+    if model is None:
+        return None, "the model is not reachable from the model runner"
+    rotary = next((m for m in model.modules() if isinstance(m, RotaryEmbedding)), None)
+    if rotary is None:
+        return None, "the model has no sglang RotaryEmbedding"
+    name = type(rotary).__name__
+    if rotary.rotary_dim != head_dim:
+        return None, f"{name} rotates {rotary.rotary_dim} of {head_dim} dimensions (partial RoPE)"
+    try:
+        inv_freq = rotary._compute_inv_freq(rotary.base).float().cpu()
+    except Exception as err:  # a variant with another signature: refuse, do not guess
+        return None, f"{name}: cannot rebuild its inverse frequencies ({err})"
+    cache = rotary.cos_sin_cache.cpu()
+    positions = torch.arange(min(cache.shape[0], _ROPE_CHECK_POSITIONS), dtype=torch.float64)
+    angles = positions.unsqueeze(-1) * inv_freq.double()
+    if cache.shape[-1] != 2 * angles.shape[-1]:
+        return None, f"{name}: cos/sin cache of width {cache.shape[-1]} for {angles.shape[-1]} frequencies"
+    expected = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    error = (cache[: len(positions)].double() - expected).abs().max().item()
+    tolerance = 2e-3 if cache.dtype == torch.float32 else 2e-2
+    if error > tolerance:
+        return None, f"{name}: its cos/sin cache is not cos/sin(position x inv_freq) (max error {error:.2g})"
+    return Rope(inv_freq=inv_freq, neox=bool(rotary.is_neox_style)), ""
+
+
+def _cpu_list(cpu_values: list[int] | torch.Tensor | None, values: torch.Tensor) -> list[int]:
+    """ForwardBatch's host copy of a per-request tensor when it has one, else the tensor's values."""
+    chosen = values if cpu_values is None else cpu_values
+    return chosen.tolist() if isinstance(chosen, torch.Tensor) else list(chosen)

@@ -1,0 +1,178 @@
+"""A miniature sglang runtime on the CPU around the multipole backend.
+
+The pools, ForwardBatch, RadixAttention layers and the dense torch_native backend are sglang's own;
+the rig plays the scheduler (request rows, KV slots in shuffled order so pages are not contiguous,
+req_to_token) and the model (random q/k/v per layer), and keeps every request's K/V so that tests
+can recompute the expected attention with `mp_sglang.reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+from mp_sglang.plugin import create_backend
+
+HEADS_Q, HEADS_KV, DIM, LAYERS = 4, 2, 16, 2
+
+# Small blocks so that a few hundred tokens exercise blocks, the recent window and updates.
+SMALL_CONFIG = {
+    "tokens_per_cluster": 4,
+    "kmeans_block": 64,
+    "kmeans_iters": 4,
+    "update_iters": 2,
+    "update_block": 8,
+    "recent_window": 16,
+    "sink_tokens": 4,
+    "dense_below": 0,
+}
+
+
+@dataclass
+class Request:
+    """One request's row and, per layer, every key and value it has cached `[H_kv, n, d]`."""
+
+    row: int
+    keys: list[torch.Tensor] = field(default_factory=lambda: [_empty() for _ in range(LAYERS)])
+    values: list[torch.Tensor] = field(default_factory=lambda: [_empty() for _ in range(LAYERS)])
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+@dataclass
+class Pass:
+    """What one forward pass computed: per layer, queries and outputs `[tokens, H_q, d]`."""
+
+    queries: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    last_token: list[int]  # row of each request's last new token in queries/outputs
+
+
+def set_config(monkeypatch: pytest.MonkeyPatch, **values: object) -> None:
+    """Settings reach the backend as they do in serving: through MULTIPOLE_* variables."""
+    for name, value in {**SMALL_CONFIG, **values}.items():
+        monkeypatch.setenv(f"MULTIPOLE_{name.upper()}", str(value).lower())
+
+
+class Rig:
+    def __init__(
+        self,
+        rows: int = 4,
+        context: int = 1024,
+        kv_slots: int = 16384,
+        model: torch.nn.Module | None = None,
+        seed: int = 0,
+        **runner_fields: object,
+    ) -> None:
+        self.req_pool = ReqToTokenPool(
+            size=rows, max_context_len=context, device="cpu", enable_memory_saver=False
+        )
+        self.kv_pool = MHATokenToKVPool(
+            size=kv_slots,
+            page_size=1,
+            dtype=torch.float32,
+            head_num=HEADS_KV,
+            head_dim=DIM,
+            layer_num=LAYERS,
+            device="cpu",
+            enable_memory_saver=False,
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self._free_kv = (torch.randperm(kv_slots, generator=self.generator) + 1).tolist()  # slot 0 pads
+        self.runner = SimpleNamespace(
+            device="cpu",
+            req_to_token_pool=self.req_pool,
+            token_to_kv_pool=self.kv_pool,
+            model_config=SimpleNamespace(is_encoder_decoder=False, is_hybrid_swa=False),
+            use_mla_backend=False,
+            sliding_window_size=None,
+            spec_algorithm=SpeculativeAlgorithm.NONE,
+            model=model,
+        )
+        vars(self.runner).update(runner_fields)
+        self.backend = create_backend(self.runner)
+        self.layers = [RadixAttention(HEADS_Q, DIM, DIM**-0.5, HEADS_KV, layer_id=i) for i in range(LAYERS)]
+
+    def new_request(self, prefix_of: Request | None = None, prefix_len: int = 0) -> Request:
+        """A request on a fresh row; with `prefix_of`, its first tokens are a radix-cache hit on
+        that request's KV slots (shared, not copied), as sglang's prefix cache hands them out."""
+        (row,) = self.req_pool.alloc_rows(1)
+        request = Request(row)
+        if prefix_of is not None:
+            self.req_pool.req_to_token[row, :prefix_len] = self.req_pool.req_to_token[
+                prefix_of.row, :prefix_len
+            ]
+            request.keys = [k[:, :prefix_len] for k in prefix_of.keys]
+            request.values = [v[:, :prefix_len] for v in prefix_of.values]
+        return request
+
+    def finish(self, request: Request) -> None:
+        self.req_pool.free_rows([request.row])
+
+    def forward(self, steps: list[tuple[Request, int]], mode: ForwardMode) -> Pass:
+        """One forward pass in which each request of `steps` adds that many tokens."""
+        batch = self._forward_batch(steps, mode)
+        self.backend.init_forward_metadata(batch)
+        tokens = batch.out_cache_loc.shape[0]
+        queries, outputs = [], []
+        for layer in self.layers:
+            q = torch.randn(tokens, HEADS_Q, DIM, generator=self.generator)
+            k = torch.randn(tokens, HEADS_KV, DIM, generator=self.generator)
+            v = torch.randn(tokens, HEADS_KV, DIM, generator=self.generator)
+            out = self.backend.forward(q.reshape(tokens, -1), k, v, layer, batch)
+            queries.append(q)
+            outputs.append(out.reshape(tokens, HEADS_Q, DIM))
+            start = 0
+            for request, count in steps:
+                new = slice(start, start + count)
+                lid = layer.layer_id
+                request.keys[lid] = torch.cat([request.keys[lid], k[new].transpose(0, 1)], dim=1)
+                request.values[lid] = torch.cat([request.values[lid], v[new].transpose(0, 1)], dim=1)
+                start += count
+        ends = torch.tensor([count for _, count in steps]).cumsum(0) - 1
+        return Pass(queries, outputs, ends.tolist())
+
+    def _forward_batch(self, steps: list[tuple[Request, int]], mode: ForwardMode) -> ForwardBatch:
+        prefix = [request.length for request, _ in steps]
+        counts = [count for _, count in steps]
+        seq_lens = [p + c for p, c in zip(prefix, counts, strict=True)]
+        locs = []
+        for (request, count), start in zip(steps, prefix, strict=True):
+            slots = torch.tensor([self._free_kv.pop() for _ in range(count)], dtype=torch.int32)
+            self.req_pool.req_to_token[request.row, start : start + count] = slots
+            locs.append(slots)
+        extend = {}
+        if mode != ForwardMode.DECODE:
+            extend = {
+                "extend_num_tokens": sum(counts),
+                "extend_seq_lens": torch.tensor(counts),
+                "extend_prefix_lens": torch.tensor(prefix),
+                "extend_start_loc": torch.tensor([0, *counts[:-1]]).cumsum(0),
+                "extend_seq_lens_cpu": counts,
+                "extend_prefix_lens_cpu": prefix,
+            }
+        return ForwardBatch(
+            forward_mode=mode,
+            batch_size=len(steps),
+            input_ids=torch.zeros(sum(counts), dtype=torch.int64),
+            req_pool_indices=torch.tensor([request.row for request, _ in steps]),
+            seq_lens=torch.tensor(seq_lens),
+            seq_lens_cpu=torch.tensor(seq_lens),
+            out_cache_loc=torch.cat(locs).long(),
+            seq_lens_sum=sum(seq_lens),
+            positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq_lens, strict=True)]),
+            **extend,
+        )
+
+
+def _empty() -> torch.Tensor:
+    return torch.zeros(HEADS_KV, 0, DIM)

@@ -1,0 +1,194 @@
+"""The multipole backend on real sglang pools and ForwardBatches, against mp_sglang.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _sglang_rig import LAYERS, Rig, set_config
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from mp_sglang.config import MultipoleConfig
+from mp_sglang.reference import build_index, decode_attention, dense_attention, update_index
+
+TOL = 1e-5
+
+
+def _causal_dense(rig_pass, request, first: int, count: int, offset: int, layer: int) -> torch.Tensor:
+    """Expected outputs of `count` new tokens at positions first.. of `request` (dense, causal)."""
+    return torch.stack(
+        [
+            dense_attention(
+                rig_pass.queries[layer][offset + i],
+                request.keys[layer][:, : first + i + 1],
+                request.values[layer][:, : first + i + 1],
+            )
+            for i in range(count)
+        ]
+    )
+
+
+class Replay:
+    """The index a request should have, per layer, by the rule the backend follows: built over the
+    whole cache at the first decode-like step after a prefill, then updated token by token."""
+
+    def __init__(self, cfg: MultipoleConfig, rope=None) -> None:
+        self.cfg, self.rope, self.indexes = cfg, rope, {}
+
+    def reset(self, request) -> None:
+        for layer in range(LAYERS):
+            self.indexes.pop((request.row, layer), None)
+
+    def decode(self, request, query: torch.Tensor, layer: int) -> torch.Tensor:
+        keys, values = request.keys[layer], request.values[layer]
+        index = self.indexes.get((request.row, layer))
+        if index is None:
+            index = build_index(keys, values, self.cfg, rope=self.rope)
+        else:
+            start = index.num_tokens
+            index = update_index(index, keys[:, start:], values[:, start:], self.cfg)
+        self.indexes[(request.row, layer)] = index
+        return decode_attention(query, keys, values, index, self.cfg)
+
+
+def test_extend_is_dense_causal_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_config(monkeypatch, token_budget=0.1)
+    rig = Rig()
+    a, b = rig.new_request(), rig.new_request()
+    out = rig.forward([(a, 37), (b, 120)], ForwardMode.EXTEND)
+    for layer in range(LAYERS):
+        assert torch.allclose(out.outputs[layer][:37], _causal_dense(out, a, 0, 37, 0, layer), atol=TOL)
+        assert torch.allclose(out.outputs[layer][37:], _causal_dense(out, b, 0, 120, 37, layer), atol=TOL)
+    assert len(rig.backend.table) == 0  # prefill builds nothing: the index is made at the first decode
+
+
+def test_decode_full_budget_equals_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_config(monkeypatch, token_budget=1.0)
+    rig = Rig()
+    requests = [rig.new_request() for _ in range(3)]
+    rig.forward([(r, n) for r, n in zip(requests, (70, 150, 301), strict=True)], ForwardMode.EXTEND)
+    for _ in range(20):  # crosses several blockwise updates (update_block 8 beyond a window of 16)
+        out = rig.forward([(r, 1) for r in requests], ForwardMode.DECODE)
+        for layer in range(LAYERS):
+            for i, r in enumerate(requests):
+                expected = dense_attention(out.queries[layer][i], r.keys[layer], r.values[layer])
+                assert torch.allclose(out.outputs[layer][i], expected, atol=TOL)
+    assert len(rig.backend.table) == 3
+
+
+def test_decode_partial_budget_follows_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_config(monkeypatch, token_budget=0.1, dense_below=100)
+    rig = Rig()
+    replay = Replay(MultipoleConfig.from_env())
+    short, long_a, long_b = (rig.new_request() for _ in range(3))
+    rig.forward([(short, 60), (long_a, 180), (long_b, 333)], ForwardMode.EXTEND)
+    farthest = 0.0
+    for _ in range(24):
+        out = rig.forward([(short, 1), (long_a, 1), (long_b, 1)], ForwardMode.DECODE)
+        for layer in range(LAYERS):
+            q = out.queries[layer]
+            dense_short = dense_attention(q[0], short.keys[layer], short.values[layer])
+            assert torch.allclose(out.outputs[layer][0], dense_short, atol=TOL)  # below dense_below
+            for i, r in ((1, long_a), (2, long_b)):
+                assert torch.allclose(out.outputs[layer][i], replay.decode(r, q[i], layer), atol=TOL)
+                dense = dense_attention(q[i], r.keys[layer], r.values[layer])
+                farthest = max(farthest, (out.outputs[layer][i] - dense).abs().max().item())
+    assert farthest > 1e-3  # the method ran: 10 % of random keys does not reproduce dense attention
+    assert len(rig.backend.table) == 2
+
+
+def test_chunked_prefill_and_prefix_hit_are_indexed_from_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_config(monkeypatch, token_budget=0.15)
+    rig = Rig()
+    replay = Replay(MultipoleConfig.from_env())
+    owner = rig.new_request()
+    rig.forward([(owner, 64)], ForwardMode.EXTEND)
+    rig.forward([(owner, 100)], ForwardMode.EXTEND)  # second chunk of a chunked prefill
+    hit = rig.new_request(prefix_of=owner, prefix_len=150)  # radix hit on 150 of the owner's tokens
+    first = rig.forward([(hit, 40)], ForwardMode.EXTEND)
+    for layer in range(LAYERS):  # the extend attends to the shared prefix through the pool
+        assert torch.allclose(first.outputs[layer], _causal_dense(first, hit, 150, 40, 0, layer), atol=TOL)
+    for _ in range(10):
+        out = rig.forward([(owner, 1), (hit, 1)], ForwardMode.DECODE)
+        for layer in range(LAYERS):
+            for i, r in enumerate((owner, hit)):
+                assert torch.allclose(
+                    out.outputs[layer][i], replay.decode(r, out.queries[layer][i], layer), atol=TOL
+                )
+
+
+def test_mixed_batch_prefill_chunk_with_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_config(monkeypatch, token_budget=0.1, dense_below=90)
+    rig = Rig()
+    replay = Replay(MultipoleConfig.from_env())
+    running, short, newcomer = rig.new_request(), rig.new_request(), rig.new_request()
+    rig.forward([(running, 200), (short, 30)], ForwardMode.EXTEND)
+    out = rig.forward([(running, 1), (short, 1)], ForwardMode.DECODE)
+    for layer in range(LAYERS):
+        replay.decode(running, out.queries[layer][0], layer)
+    for chunk in (50, 70):
+        out = rig.forward([(newcomer, chunk), (running, 1), (short, 1)], ForwardMode.MIXED)
+        first = newcomer.length - chunk
+        for layer in range(LAYERS):
+            outputs, queries = out.outputs[layer], out.queries[layer]
+            assert torch.allclose(
+                outputs[:chunk], _causal_dense(out, newcomer, first, chunk, 0, layer), atol=TOL
+            )
+            assert torch.allclose(outputs[chunk], replay.decode(running, queries[chunk], layer), atol=TOL)
+            dense_short = dense_attention(queries[chunk + 1], short.keys[layer], short.values[layer])
+            assert torch.allclose(outputs[chunk + 1], dense_short, atol=TOL)
+    out = rig.forward([(newcomer, 1), (running, 1)], ForwardMode.DECODE)
+    for layer in range(LAYERS):
+        assert torch.allclose(
+            out.outputs[layer][0], replay.decode(newcomer, out.queries[layer][0], layer), atol=TOL
+        )
+
+
+def test_reused_row_gets_a_fresh_index_and_table_stays_flat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests of equal length come and go on the same rows: every one is answered from its own
+    keys (a stale index would match the length and be silently reused), and nothing accumulates."""
+    set_config(monkeypatch, token_budget=0.1)
+    rig = Rig(rows=2)
+    replay = Replay(MultipoleConfig.from_env())
+    sizes = []
+    for generation in range(8):
+        pair = [rig.new_request(), rig.new_request()]
+        rig.forward([(r, 96) for r in pair], ForwardMode.EXTEND)
+        for r in pair:
+            replay.reset(r)
+        for _ in range(3):
+            out = rig.forward([(r, 1) for r in pair], ForwardMode.DECODE)
+            for layer in range(LAYERS):
+                for i, r in enumerate(pair):
+                    expected = replay.decode(r, out.queries[layer][i], layer)
+                    assert torch.allclose(out.outputs[layer][i], expected, atol=TOL), generation
+        sizes.append((len(rig.backend.table), rig.backend.table.nbytes()))
+        if generation % 2:
+            rig.finish(pair[0])  # finished: released at the next forward pass
+            rig.forward([(pair[1], 1)], ForwardMode.DECODE)
+            assert len(rig.backend.table) == 1
+            rig.finish(pair[1])
+        else:
+            for r in pair:  # freed and re-allocated before any forward pass sees it
+                rig.finish(r)
+    assert len(set(sizes)) == 1, sizes  # same work each round: same rows, same bytes
+    rig.forward([(rig.new_request(), 5)], ForwardMode.EXTEND)
+    assert len(rig.backend.table) == 0 and rig.backend.table.nbytes() == 0
+
+
+def test_row_reallocated_unseen_is_caught_by_its_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished request's row handed to a new request between two passes, whose first step is a
+    one-token row of a MIXED batch (a prefix hit on all but one token): only req_generation tells
+    the backend that the index it holds for that row belongs to someone else."""
+    set_config(monkeypatch, token_budget=0.1)
+    rig = Rig(rows=3)
+    replay = Replay(MultipoleConfig.from_env())
+    old, owner, other = rig.new_request(), rig.new_request(), rig.new_request()
+    rig.forward([(old, 100), (owner, 160), (other, 40)], ForwardMode.EXTEND)
+    out = rig.forward([(old, 1), (other, 1)], ForwardMode.DECODE)  # indexes old's row (101 tokens)
+    rig.finish(old)
+    reuser = rig.new_request(prefix_of=owner, prefix_len=150)
+    assert reuser.row == old.row
+    out = rig.forward([(reuser, 1), (other, 1)], ForwardMode.MIXED)
+    for layer in range(LAYERS):
+        expected = replay.decode(reuser, out.queries[layer][0], layer)
+        assert torch.allclose(out.outputs[layer][0], expected, atol=TOL)

@@ -1,0 +1,96 @@
+"""Start-up: settings validated, unsupported models refused by name, the model's RoPE found."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _sglang_rig import DIM, Rig, set_config
+from sglang.srt.layers.rotary_embedding import base as rope_base
+from sglang.srt.layers.rotary_embedding import get_rope
+
+from mp_sglang.rope import Rope
+
+
+def _model_with_rope(monkeypatch: pytest.MonkeyPatch, **scaling: object) -> torch.nn.Module:
+    """A model holding a real sglang RotaryEmbedding. Without a GPU sglang would import vllm's
+    rotary kernel for it; its CPU-engine flag selects the torch path instead."""
+    monkeypatch.setattr(rope_base, "_is_cpu", True)
+    rotary = get_rope(
+        head_size=DIM,
+        rotary_dim=DIM,
+        max_position=4096,
+        base=10000,
+        is_neox_style=True,
+        dtype=torch.float32,
+        rope_scaling=scaling or None,
+    )
+    return torch.nn.ModuleDict({"rotary_emb": rotary})
+
+
+def test_bad_setting_fails_start_up_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_config(monkeypatch, token_budget=-1)
+    with pytest.raises(ValueError, match="MULTIPOLE_.*token_budget"):
+        Rig()
+    set_config(monkeypatch)
+    monkeypatch.setenv("MULTIPOLE_TOKEN_BUGDET", "0.1")
+    with pytest.raises(ValueError, match="unknown setting MULTIPOLE_TOKEN_BUGDET"):
+        Rig()
+
+
+@pytest.mark.parametrize(
+    ("runner_fields", "message"),
+    [
+        ({"use_mla_backend": True}, "MLA .* use --attention-backend flashinfer"),
+        ({"sliding_window_size": 4096}, "sliding-window .* use --attention-backend triton"),
+        (
+            {"model_config": SimpleNamespace(is_encoder_decoder=True, is_hybrid_swa=False)},
+            "encoder-decoder .* use --attention-backend flashinfer",
+        ),
+    ],
+)
+def test_unsupported_models_are_refused_with_an_alternative(
+    monkeypatch: pytest.MonkeyPatch, runner_fields: dict, message: str
+) -> None:
+    set_config(monkeypatch)
+    with pytest.raises(ValueError, match=f"multipole: {message}"):
+        Rig(**runner_fields)
+
+
+def test_cross_attention_layer_is_refused_at_its_first_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    set_config(monkeypatch)
+    rig = Rig()
+    rig.layers[0] = RadixAttention(4, DIM, DIM**-0.5, 2, layer_id=0, is_cross_attention=True)
+    with pytest.raises(NotImplementedError, match="layer 0 uses cross-attention"):
+        rig.forward([(rig.new_request(), 20)], ForwardMode.EXTEND)
+
+
+def test_cuda_graphs_are_refused_with_the_flag_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_config(monkeypatch)
+    with pytest.raises(NotImplementedError, match="--disable-cuda-graph"):
+        Rig().backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+
+
+def test_windowed_rope_uses_the_models_rotary_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_config(monkeypatch)
+    rig = Rig(model=_model_with_rope(monkeypatch))
+    assert rig.backend.cfg.windowed_rope
+    expected = Rope.standard(DIM, theta=10000.0)
+    assert rig.backend.rope is not None and rig.backend.rope.neox
+    assert torch.allclose(rig.backend.rope.inv_freq, expected.inv_freq, rtol=1e-6)
+
+
+def test_unverifiable_rope_falls_back_to_stored_keys(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    set_config(monkeypatch)
+    model = _model_with_rope(monkeypatch, rope_type="linear", factor=4.0)
+    with caplog.at_level(logging.WARNING, logger="mp_sglang.backend"):
+        rig = Rig(model=model)
+    assert rig.backend.rope is None and not rig.backend.cfg.windowed_rope
+    assert "LinearScalingRotaryEmbedding" in caplog.text and "windowed_rope disabled" in caplog.text
