@@ -109,7 +109,8 @@ class Target:
         }
 
     def pip_args(self) -> list[str]:
-        major, minor = (int(x) for x in self.glibc.split(".")[:2])
+        m = re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)?", self.glibc)
+        major, minor = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
         if major != 2 or minor < 17:
             raise ValueError(f"glibc {self.glibc}: expected 2.17 or newer")
         plats = [f"manylinux_2_{n}_{self.machine}" for n in range(minor, 16, -1)]

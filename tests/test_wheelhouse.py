@@ -221,5 +221,6 @@ def test_freeze_parsing_and_target_tags(tmp_path):
     args = wheelhouse.Target("3.12.3", "2.39", 13).pip_args()
     assert "manylinux_2_34_x86_64" in args and "manylinux_2_17_x86_64" in args  # sglang 0.5.17 is 2_34
     assert "manylinux_2_40_x86_64" not in args
-    with pytest.raises(ValueError, match="glibc"):
-        wheelhouse.Target("3.12", "2.5", 13).pip_args()
+    for bad in ("2.5", "glibc-2.39", ""):
+        with pytest.raises(ValueError, match="glibc"):
+            wheelhouse.Target("3.12", bad, 13).pip_args()
