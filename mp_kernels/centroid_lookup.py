@@ -251,11 +251,6 @@ def _scores_kernel(
 # --------------------------------------------------------------------------- selection
 
 
-# Thresholds tested per round of the threshold search: each round is one block-wide reduction, and
-# rounds (a serial chain) dominate the kernel's time, so test several at once: 8 probes, 10 rounds.
-SELECT_PROBES = 8
-
-
 def select_within_budget(
     logits: torch.Tensor, level: LevelTensors, budget: torch.Tensor, backend: str | None = None
 ) -> Selection:
@@ -293,20 +288,9 @@ def select_within_budget(
         selected.stride(0),
         selected.stride(1),
         BLOCK_C=block_c,
-        PROBES=SELECT_PROBES,
-        SEARCH_ROUNDS=_search_rounds(SELECT_PROBES),
         num_warps=max(4, min(16, block_c // 256)),
     )
     return out
-
-
-def _search_rounds(probes: int) -> int:
-    """Rounds of a (probes+1)-ary search until the key interval (< 2**30 wide) is one wide."""
-    span, rounds = 1 << 30, 0
-    while span > 1:
-        span = span // (probes + 1) + 1 if span > probes + 1 else 1
-        rounds += 1
-    return rounds
 
 
 def _select_reference(
@@ -358,8 +342,6 @@ def _select_kernel(
     stride_sb,
     stride_sh,
     BLOCK_C: tl.constexpr,
-    PROBES: tl.constexpr,
-    SEARCH_ROUNDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // H
@@ -381,17 +363,14 @@ def _select_kernel(
     key = tl.where(eligible, importance.to(tl.int32, bitcast=True), -1)
     cap = tl.load(budget + b)
 
-    # Largest key value v whose clusters (key >= v) together exceed the budget: a (PROBES+1)-ary
-    # search keeping W(lo) > cap >= W(hi); importance <= 1, so every key is below 0x3F800001.
+    # Largest key value v whose clusters (key >= v) together exceed the budget.
     lo = tl.zeros([], tl.int32) - 1
-    hi = tl.zeros([], tl.int32) + 0x3F800001
-    k = tl.arange(0, PROBES).to(tl.int64) + 1
-    for _ in range(SEARCH_ROUNDS):
-        probes = lo + ((hi - lo).to(tl.int64) * k // (PROBES + 1)).to(tl.int32)
-        weight = tl.sum(tl.where(key[None, :] >= probes[:, None], sizes[None, :], 0), axis=1)
-        over = weight > cap
-        lo = tl.max(tl.where(over, probes, lo), axis=0)
-        hi = tl.min(tl.where(over, hi, probes), axis=0)
+    hi = tl.zeros([], tl.int32) + 0x7F800001
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        over = tl.sum(tl.where(key >= mid, sizes, 0), axis=0) > cap
+        lo = tl.where(over, mid, lo)
+        hi = tl.where(over, hi, mid)
     above = key > lo
     taken = tl.sum(tl.where(above, sizes, 0), axis=0)
     tied = key == lo

@@ -76,7 +76,6 @@ def merge_partials(
             lse.stride(0),
             D=dim,
             P_PAD=next_power_of_2(parts),
-            BLOCK_P=16,
             num_warps=4,
         )
         return out, lse
@@ -264,7 +263,6 @@ def _merge_kernel(
     stride_lb,
     D: tl.constexpr,
     P_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // Hq
@@ -276,27 +274,11 @@ def _merge_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2((lses - m_safe) * 1.4426950408889634)
     total = tl.sum(w, axis=0)
-    acc = tl.zeros([D], tl.float32)
-    for p0 in range(0, P, BLOCK_P):  # partials in chunks: a whole [P, d] tile would spill
-        chunk = p0 + tl.arange(0, BLOCK_P)
-        in_range = chunk < P
-        w_chunk = tl.exp2(
-            (
-                tl.load(
-                    lse_parts + b * stride_qb + h * stride_qh + chunk * stride_qp,
-                    mask=in_range,
-                    other=float("-inf"),
-                )
-                - m_safe
-            )
-            * 1.4426950408889634
-        )
-        parts = tl.load(
-            out_parts + b * stride_pb + h * stride_ph + chunk[:, None] * stride_pp + d[None, :],
-            mask=(in_range & (w_chunk > 0))[:, None],  # empty partials are never read
-            other=0.0,
-        )
-        acc += tl.sum(parts * w_chunk[:, None], axis=0)
-    merged = acc / tl.where(total == 0.0, 1.0, total)
+    parts = tl.load(
+        out_parts + b * stride_pb + h * stride_ph + p[:, None] * stride_pp + d[None, :],
+        mask=(p < P)[:, None] & (w > 0)[:, None],
+        other=0.0,
+    )
+    merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out + b * stride_ob + h * stride_oh + d, merged.to(out.dtype.element_ty))
     tl.store(lse + b * stride_lb + h, tl.where(total == 0.0, float("-inf"), m_safe + tl.log(total)))
