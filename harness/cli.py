@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,10 @@ def parse_metadata(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--metadata")
     return value
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def auto_engine() -> str:
@@ -166,6 +171,7 @@ def run(
     run_id = run_id or f"{task}-{engine}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     run_dir = results.RunDir(Path(results_dir) / run_id)
     resume_hint = f"continue with: mpeval run {task} --run-id {run_id} --resume (and the same options)"
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` tears servers down like Ctrl-C does
     try:
         added = execute(cfg, run_dir, resume=resume)
     except KeyboardInterrupt:

@@ -1,8 +1,8 @@
 """Launch, health-check and tear down OpenAI-compatible inference servers, or attach to a running one.
 
 A launched server runs in its own process group so teardown reaches every process it spawned
-(SGLang forks scheduler and detokenizer workers); on Linux it also gets SIGTERM when the harness
-dies, so even a SIGKILLed harness leaves no server behind.
+(SGLang forks scheduler and detokenizer workers); on Linux it is also killed when the harness dies,
+so even a SIGKILLed harness leaves no server behind.
 """
 
 from __future__ import annotations
@@ -45,11 +45,15 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: new session (own process group) and SIGTERM when the parent dies."""
+    """Runs in the child before exec: new session (own process group), SIGKILL when the parent dies.
+
+    SIGKILL, not SIGTERM: with nobody left to wait for it, a server must not linger in a graceful
+    shutdown (uvicorn waits for the generation in flight). SGLang's own workers die with their parent.
+    """
     os.setsid()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _probe(url: str, timeout: float = 2.0) -> bool:

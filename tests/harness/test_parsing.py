@@ -33,7 +33,7 @@ def test_correctness_follows_the_gold_answer():
 @pytest.mark.slow
 def test_judge_keeps_raw_replies_falls_back_and_caches(llama_server, tmp_path):
     client = ChatClient(llama_server.base_url)
-    params = {"max_tokens": 24, "temperature": 0.0, "seed": 0}
+    params = {"max_tokens": 16, "temperature": 0.0, "seed": 0}
     judge = Judge(client, tmp_path / "cache", params)
     first = []
     for row in LABELLED:
