@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import base as rope_base
+from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
@@ -105,7 +107,7 @@ class Rig:
     def new_request(self, prefix_of: Request | None = None, prefix_len: int = 0) -> Request:
         """A request on a fresh row; with `prefix_of`, its first tokens are a radix-cache hit on
         that request's KV slots (shared, not copied), as sglang's prefix cache hands them out."""
-        (row,) = self.req_pool.alloc_rows(1)
+        row = _alloc_row(self.req_pool)
         request = Request(row)
         if prefix_of is not None:
             self.req_pool.req_to_token[row, :prefix_len] = self.req_pool.req_to_token[
@@ -116,7 +118,7 @@ class Rig:
         return request
 
     def finish(self, request: Request) -> None:
-        self.req_pool.free_rows([request.row])
+        _free_row(self.req_pool, request.row)
 
     def forward(self, steps: list[tuple[Request, int]], mode: ForwardMode) -> Pass:
         """One forward pass in which each request of `steps` adds that many tokens."""
@@ -172,6 +174,39 @@ class Rig:
             positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq_lens, strict=True)]),
             **extend,
         )
+
+
+def model_with_rope(monkeypatch: pytest.MonkeyPatch, **scaling: object) -> torch.nn.Module:
+    """A model holding a real sglang RotaryEmbedding. Without a GPU sglang would import vllm's
+    rotary kernel for it; its CPU-engine flag selects the torch path instead."""
+    monkeypatch.setattr(rope_base, "_is_cpu", True)
+    rotary = get_rope(
+        head_size=DIM,
+        rotary_dim=DIM,
+        max_position=4096,
+        base=10000,
+        is_neox_style=True,
+        dtype=torch.float32,
+        rope_scaling=scaling or None,
+    )
+    return torch.nn.ModuleDict({"rotary_emb": rotary})
+
+
+def _alloc_row(pool: ReqToTokenPool) -> int:
+    """A request row from the pool's own allocator: `alloc_rows` in newer sglang, `alloc` of
+    request objects (of which it reads and sets only req_pool_idx) in 0.5.17."""
+    if hasattr(pool, "alloc_rows"):
+        return pool.alloc_rows(1)[0]
+    holder = SimpleNamespace(req_pool_idx=None)
+    pool.alloc([holder])
+    return holder.req_pool_idx
+
+
+def _free_row(pool: ReqToTokenPool, row: int) -> None:
+    if hasattr(pool, "free_rows"):
+        pool.free_rows([row])
+    else:
+        pool.free(SimpleNamespace(req_pool_idx=row))
 
 
 def _empty() -> torch.Tensor:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _sglang_rig import LAYERS, Rig, set_config
+from _sglang_rig import DIM, LAYERS, Rig, model_with_rope, set_config
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.reference import build_index, decode_attention, dense_attention, update_index
+from mp_sglang.rope import Rope
 
 TOL = 1e-5
 
@@ -94,6 +95,27 @@ def test_decode_partial_budget_follows_reference(monkeypatch: pytest.MonkeyPatch
                 farthest = max(farthest, (out.outputs[layer][i] - dense).abs().max().item())
     assert farthest > 1e-3  # the method ran: 10 % of random keys does not reproduce dense attention
     assert len(rig.backend.table) == 2
+
+
+@pytest.mark.usefixtures("published_server_args")
+def test_windowed_rope_frame_from_the_models_rotary_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_config(monkeypatch, token_budget=0.1, rope_window=64)
+    rig = Rig(model=model_with_rope(monkeypatch))
+    cfg = MultipoleConfig.from_env()
+    replay = Replay(cfg, rope=Rope.standard(DIM, theta=10000.0))
+    unrotated = Replay(cfg)  # the same settings in the stored-key frame: must differ somewhere
+    farthest = 0.0
+    a, b = rig.new_request(), rig.new_request()
+    rig.forward([(a, 140), (b, 230)], ForwardMode.EXTEND)
+    for _ in range(12):
+        out = rig.forward([(a, 1), (b, 1)], ForwardMode.DECODE)
+        for layer in range(LAYERS):
+            for i, r in enumerate((a, b)):
+                expected = replay.decode(r, out.queries[layer][i], layer)
+                assert torch.allclose(out.outputs[layer][i], expected, atol=TOL)
+                other = unrotated.decode(r, out.queries[layer][i], layer)
+                farthest = max(farthest, (out.outputs[layer][i] - other).abs().max().item())
+    assert farthest > 1e-4
 
 
 def test_chunked_prefill_and_prefix_hit_are_indexed_from_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:

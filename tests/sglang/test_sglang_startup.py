@@ -7,27 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _sglang_rig import DIM, Rig, set_config
-from sglang.srt.layers.rotary_embedding import base as rope_base
-from sglang.srt.layers.rotary_embedding import get_rope
+from _sglang_rig import DIM, Rig, model_with_rope, set_config
 
 from mp_sglang.rope import Rope
-
-
-def _model_with_rope(monkeypatch: pytest.MonkeyPatch, **scaling: object) -> torch.nn.Module:
-    """A model holding a real sglang RotaryEmbedding. Without a GPU sglang would import vllm's
-    rotary kernel for it; its CPU-engine flag selects the torch path instead."""
-    monkeypatch.setattr(rope_base, "_is_cpu", True)
-    rotary = get_rope(
-        head_size=DIM,
-        rotary_dim=DIM,
-        max_position=4096,
-        base=10000,
-        is_neox_style=True,
-        dtype=torch.float32,
-        rope_scaling=scaling or None,
-    )
-    return torch.nn.ModuleDict({"rotary_emb": rotary})
 
 
 def test_bad_setting_fails_start_up_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,20 +58,22 @@ def test_cuda_graphs_are_refused_with_the_flag_to_use(monkeypatch: pytest.Monkey
         Rig().backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
 
 
+@pytest.mark.usefixtures("published_server_args")
 def test_windowed_rope_uses_the_models_rotary_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
     set_config(monkeypatch)
-    rig = Rig(model=_model_with_rope(monkeypatch))
+    rig = Rig(model=model_with_rope(monkeypatch))
     assert rig.backend.cfg.windowed_rope
     expected = Rope.standard(DIM, theta=10000.0)
     assert rig.backend.rope is not None and rig.backend.rope.neox
     assert torch.allclose(rig.backend.rope.inv_freq, expected.inv_freq, rtol=1e-6)
 
 
+@pytest.mark.usefixtures("published_server_args")
 def test_unverifiable_rope_falls_back_to_stored_keys(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     set_config(monkeypatch)
-    model = _model_with_rope(monkeypatch, rope_type="linear", factor=4.0)
+    model = model_with_rope(monkeypatch, rope_type="linear", factor=4.0)
     with caplog.at_level(logging.WARNING, logger="mp_sglang.backend"):
         rig = Rig(model=model)
     assert rig.backend.rope is None and not rig.backend.cfg.windowed_rope
