@@ -28,10 +28,11 @@ def cluster_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster (weighted) sums of `points` and total weights (counts when unweighted)."""
     heads, _, dim = points.shape
-    w = torch.ones(labels.shape, dtype=points.dtype) if weights is None else weights.to(points.dtype)
-    sums = torch.zeros(heads, num_clusters, dim, dtype=points.dtype)
+    like = {"dtype": points.dtype, "device": points.device}
+    w = torch.ones(labels.shape, **like) if weights is None else weights.to(**like)
+    sums = torch.zeros(heads, num_clusters, dim, **like)
     sums.scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, dim), points * w.unsqueeze(-1))
-    totals = torch.zeros(heads, num_clusters, dtype=points.dtype)
+    totals = torch.zeros(heads, num_clusters, **like)
     totals.scatter_add_(1, labels, w)
     return sums, totals
 
@@ -69,7 +70,7 @@ def lloyd(
         centroids, totals = cluster_means(points, labels, num_clusters, centroids, weights)
         empty = totals == 0
         if it < iters - 1 and bool(empty.any()):
-            picks = torch.randint(0, n, (heads, num_clusters), generator=generator)
+            picks = torch.randint(0, n, (heads, num_clusters), generator=generator).to(points.device)
             reseeded = torch.gather(points, 1, picks.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
             centroids = torch.where(empty.unsqueeze(-1), reseeded, centroids)
     labels = assign(points, centroids)
@@ -89,6 +90,7 @@ def kmeans(
     if not 1 <= num_clusters <= n:
         raise ValueError(f"num_clusters must be in [1, {n}] for {n} points; got {num_clusters}")
     picks = torch.stack([torch.randperm(n, generator=generator)[:num_clusters] for _ in range(heads)])
+    picks = picks.to(points.device)
     init = torch.gather(points, 1, picks.unsqueeze(-1).expand(-1, -1, dim))
     return lloyd(points, init, iters, generator, weights)
 
@@ -110,5 +112,5 @@ def clusters_for(num_tokens: int, tokens_per_cluster: int) -> int:
 
 
 def seeded(seed: int, salt: int) -> torch.Generator:
-    """A generator fixed by the config's seed and a position, so equal inputs cluster equally."""
+    """A (CPU) generator fixed by the config's seed and a position, so equal inputs cluster equally."""
     return torch.Generator().manual_seed((seed * 1_000_003 + salt) % (1 << 63))

@@ -266,10 +266,11 @@ def _warm_recluster(
         max(0, clusters_for(size, cfg.tokens_per_cluster) - old.centroids.shape[1]), new_keys.shape[1]
     )
     order = torch.stack([torch.randperm(new_keys.shape[1], generator=generator) for _ in range(heads)])
+    order = order.to(keys.device)
     seeds = torch.gather(new_keys, 1, order[:, :extra, None].expand(-1, -1, dim))
     rest = torch.gather(new_keys, 1, order[:, extra:, None].expand(-1, -1, dim))
     centroids = torch.cat([old.centroids, seeds], dim=1)
-    counts = torch.cat([old.counts.to(keys.dtype), torch.ones(heads, extra, dtype=keys.dtype)], dim=1)
+    counts = torch.cat([old.counts.to(keys.dtype), keys.new_ones(heads, extra)], dim=1)
     sums, added = cluster_sums(rest, assign(rest, centroids), centroids.shape[1])
     centroids = (centroids * counts.unsqueeze(-1) + sums) / (counts + added).clamp_min(1).unsqueeze(-1)
     return lloyd(keys, centroids, cfg.update_iters, generator)
@@ -408,7 +409,7 @@ def lookup(
         return Selection(
             exact,
             tuple(torch.zeros_like(lv.counts, dtype=torch.bool) for lv in index.levels),
-            tuple(torch.zeros(heads, q.shape[0] // heads, 0) for _ in index.levels),
+            tuple(torch.zeros(heads, q.shape[0] // heads, 0, device=q.device) for _ in index.levels),
         )
     position = seq - 1 if q_position is None else q_position
     q_lookup = q.float() if index.rope is None else index.rope.rotate(q.float(), index.rope_window - position)

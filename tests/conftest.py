@@ -1,4 +1,4 @@
-"""Shared test fixtures: fresh seeded random data, and clustered keys that look like real ones."""
+"""Shared test fixtures."""
 
 from __future__ import annotations
 
@@ -9,16 +9,3 @@ import torch
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
-
-
-def clustered_kv(
-    heads: int, seq: int, dim: int, centres: int, generator: torch.Generator, spread: float = 0.15
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys scattered tightly around a few centres (as real keys are), values loosely tied to them."""
-    centre_keys = torch.randn(heads, centres, dim, generator=generator) * 1.5
-    centre_values = torch.randn(heads, centres, dim, generator=generator)
-    which = torch.randint(0, centres, (heads, seq), generator=generator)
-    pick = which.unsqueeze(-1).expand(-1, -1, dim)
-    keys = torch.gather(centre_keys, 1, pick) + spread * torch.randn(heads, seq, dim, generator=generator)
-    values = torch.gather(centre_values, 1, pick) + 0.5 * torch.randn(heads, seq, dim, generator=generator)
-    return keys, values

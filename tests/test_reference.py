@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import clustered_kv
+from clustered_data import clustered_kv
 
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.reference import (
@@ -265,3 +265,19 @@ def test_rope_rotations_compose_and_invert(generator):
     assert torch.allclose(
         rope.rotate(q, 40) @ rope.rotate(k, 10), rope.rotate(q, 2030) @ rope.rotate(k, 2000), atol=1e-4
     )
+
+
+@pytest.mark.gpu
+def test_reference_runs_on_cuda_and_matches_cpu(generator):
+    heads, q_heads, dim = 4, 16, 64
+    rope = Rope.standard(dim)
+    keys, values = roped_kv(heads, 3000, dim, generator, rope)
+    q = torch.randn(q_heads, dim, generator=generator)
+    cfg = MultipoleConfig(token_budget=0.05, levels=2, **SMALL)
+    outs = []
+    for device in ("cpu", "cuda"):
+        k, v = keys.to(device), values.to(device)
+        index = build_index(k[:, :2900], v[:, :2900], cfg, rope=rope)
+        index = update_index(index, k[:, 2900:], v[:, 2900:], cfg)
+        outs.append(decode_attention(q.to(device), k, v, index, cfg).cpu())
+    assert rel_err(outs[1], outs[0]) <= 1e-4
