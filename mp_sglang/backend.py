@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NO_CUDA_GRAPHS = (
+    "the multipole attention backend does not support CUDA graphs yet; launch with --disable-cuda-graph "
+    "(sglang 0.5.23: --cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled)"
+)
 # Positions compared when checking that a rebuilt RoPE matches the model's cos/sin cache.
 _ROPE_CHECK_POSITIONS = 4096
 
@@ -113,10 +117,10 @@ class MultipoleAttnBackend(AttentionBackend):
                 self._rows.append(_MethodRow(end - 1, req, seq_len, int(pool.req_generation[req])))
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        raise NotImplementedError(
-            "the multipole attention backend does not support CUDA graphs yet; "
-            "launch with --disable-cuda-graph"
-        )
+        raise NotImplementedError(_NO_CUDA_GRAPHS)
+
+    def init_forward_metadata_for_breakable_cuda_graph_capture(self, forward_batch: ForwardBatch) -> None:
+        raise NotImplementedError(_NO_CUDA_GRAPHS)
 
     def support_triton(self) -> bool:
         return self.dense.support_triton()

@@ -54,8 +54,11 @@ def test_cross_attention_layer_is_refused_at_its_first_forward(monkeypatch: pyte
 
 def test_cuda_graphs_are_refused_with_the_flag_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
     set_config(monkeypatch)
+    backend = Rig().backend
     with pytest.raises(NotImplementedError, match="--disable-cuda-graph"):
-        Rig().backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+        backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+    with pytest.raises(NotImplementedError, match="--cuda-graph-backend-prefill disabled"):
+        backend.init_forward_metadata_for_breakable_cuda_graph_capture(None)
 
 
 @pytest.mark.usefixtures("published_server_args")
