@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+pytest.importorskip("sglang.srt", reason="sglang is not installed (see docs/sglang.md)")
+
 from _sglang_rig import DIM, LAYERS, Rig, model_with_rope, set_config
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 

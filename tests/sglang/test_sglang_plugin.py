@@ -9,6 +9,8 @@ from importlib.metadata import entry_points
 
 import pytest
 
+pytest.importorskip("sglang.srt", reason="sglang is not installed (see docs/sglang.md)")
+
 from mp_sglang.plugin import BACKEND_NAME, create_backend
 
 

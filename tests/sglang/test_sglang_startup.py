@@ -7,6 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+pytest.importorskip("sglang.srt", reason="sglang is not installed (see docs/sglang.md)")
+
 from _sglang_rig import DIM, Rig, model_with_rope, set_config
 
 from mp_sglang.rope import Rope
