@@ -8,7 +8,7 @@ single new token — over a context of at least `dense_below` tokens gets the me
 instead: its keys and values are read from the pool through req_to_token, its cluster index
 (`mp_sglang.index`) is built or brought up to date from them, and the exact part, the centroid
 part and their LSE merge are computed (`_attend_method_rows`, the seam where the mp_kernels path
-will plug in; today the plain-torch reference, on the CPU).
+will plug in; today the plain-torch reference, per request, on the pool's device).
 
 Because the index is always made from what the pool holds, radix-cache prefix hits and chunked
 prefills need no special case: the index of a request is built at its first decode-like step
@@ -81,7 +81,7 @@ class MultipoleAttnBackend(AttentionBackend):
         self.table = IndexTable(self.req_to_token_pool.req_to_token.shape[0])
         self._rows: list[_MethodRow] = []
         logger.info(
-            "multipole: dense path %s, index table of %d request rows (CPU reference), settings %s",
+            "multipole: dense path %s, index table of %d request rows (torch reference), settings %s",
             self.dense_name,
             self.table.num_rows,
             self.cfg.to_dict(),
@@ -171,12 +171,12 @@ class MultipoleAttnBackend(AttentionBackend):
         q_scale = layer.scaling * math.sqrt(dim)
         for row in self._rows:
             slots = self.req_to_token_pool.req_to_token[row.req, : row.seq_len].long()
-            keys = key_buffer[slots].transpose(0, 1).cpu()
-            values = value_buffer[slots].transpose(0, 1).cpu()
+            keys = key_buffer[slots].transpose(0, 1)
+            values = value_buffer[slots].transpose(0, 1)
             index = self.table.ensure(
                 row.req, row.generation, layer.layer_id, keys, values, self.cfg, self.rope
             )
-            query = queries[row.query].float().cpu() * q_scale
+            query = queries[row.query].float() * q_scale
             outputs[row.query] = decode_attention(query, keys, values, index, self.cfg).to(outputs)
         return out
 

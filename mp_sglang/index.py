@@ -7,7 +7,7 @@ allocation of a row, never reset) and `free_slots` (rows of finished or aborted 
 or handed to another request, so the table holds at most one entry per row and cannot grow as
 requests come and go.
 
-This is the storage of the CPU reference path: one `ClusterIndex` per (row, layer), built or
+This is the storage of the torch reference path: one `ClusterIndex` per (row, layer), built or
 brought up to date from the keys in the pool on demand. The GPU path will keep the same keys
 (row, layer) over fixed buffers sized from the pool at start-up.
 """
