@@ -224,7 +224,8 @@ def _append_block(
 ) -> ClusterIndex:
     """Cluster the `size` window tokens right after the clustered region as the new final block.
 
-    The window is then cut at this block's start: every earlier block is final.
+    The window is then cut at this block's start (a copy, so the keys before it are freed): every
+    earlier block is final.
     """
     offset = index.recent_start - index.window_start
     keys = index.window_keys[:, offset : offset + size]
@@ -247,8 +248,8 @@ def _append_block(
             for bounds, new in zip(index.block_clusters, block_levels, strict=True)
         ),
         window_start=index.window_start + offset,
-        window_keys=index.window_keys[:, offset:],
-        window_values=index.window_values[:, offset:],
+        window_keys=index.window_keys[:, offset:].clone(),
+        window_values=index.window_values[:, offset:].clone(),
     )
 
 

@@ -1,8 +1,9 @@
-"""Fidelity of Multipole attention vs. dense attention: synthetic clustered keys and real SmolLM2 activations.
+"""Fidelity of Multipole attention vs. dense attention. Prints a table and writes JSON; CPU is enough.
 
-Prints a table and writes JSON. The reference runs on the CPU, so this needs no GPU:
-
-    python scripts/bench_fidelity.py --out results/fidelity.json
+# attention outputs on synthetic clustered keys and real SmolLM2 activations
+python scripts/bench_fidelity.py --out results/fidelity.json
+# SmolLM2 decoding greedily: token agreement, first divergence, KL of next-token distributions
+python scripts/bench_fidelity.py --mode greedy --greedy-steps 1000 --out results/greedy.json
 """
 
 from __future__ import annotations
@@ -35,12 +36,71 @@ def synthetic_layer(seq: int, generator: torch.Generator) -> LayerActivations:
 
 
 @click.command()
+@click.option(
+    "--mode", type=click.Choice(["activations", "greedy"]), default="activations", show_default=True
+)
 @click.option("--budgets", default="0.01,0.02,0.05,0.1", show_default=True)
+@click.option("--greedy-steps", default=1000, show_default=True, help="Tokens generated in greedy mode.")
 @click.option("--decode-steps", default=32, show_default=True, help="Tokens replayed as decode steps.")
 @click.option("--synthetic-len", default=16384, show_default=True, help="Context of the synthetic case.")
 @click.option("--layer-stride", default=2, show_default=True, help="Evaluate every N-th SmolLM2 layer.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("results/fidelity.json"))
-def main(budgets: str, decode_steps: int, synthetic_len: int, layer_stride: int, out: Path) -> None:
+def main(
+    mode: str,
+    budgets: str,
+    greedy_steps: int,
+    decode_steps: int,
+    synthetic_len: int,
+    layer_stride: int,
+    out: Path,
+) -> None:
+    budget_list = [float(b) for b in budgets.split(",")]
+    if mode == "greedy":
+        greedy(budget_list, greedy_steps, out)
+    else:
+        activations(budget_list, decode_steps, synthetic_len, layer_stride, out)
+
+
+def greedy(budgets: list[float], steps: int, out: Path) -> None:
+    """SmolLM2 on the shipped text plus a question; the index is forced on (dense_below=0)."""
+    from mp_sglang.agreement import dense_greedy, teacher_forced_agreement
+    from mp_sglang.bundled_model import load_smollm2
+
+    started = time.time()
+    model, tokenizer = load_smollm2()
+    messages = [
+        {"role": "user", "content": sample_text() + "\n\nRetell this text in detail, section by section."}
+    ]
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    input_ids = ids["input_ids"]
+    tokens, dense_logits = dense_greedy(model, input_ids, steps)
+    rows = []
+    for budget in budgets:
+        settings = {"token_budget": budget, "dense_below": 0}
+        result = teacher_forced_agreement(model, input_ids, tokens, dense_logits, settings)
+        rows.append({"budget": budget, "prompt_tokens": input_ids.shape[1], **result.__dict__})
+        click.echo(f"budget={budget}: {result}", err=True)
+    _write(out, rows, started)
+    table = [
+        [
+            f"{r['budget']:.0%}",
+            r["prompt_tokens"],
+            r["steps"],
+            r["agreement"],
+            r["first_divergence"],
+            r["mean_kl"],
+        ]
+        for r in rows
+    ]
+    header = ["budget", "prompt", "steps", "token agreement", "first divergence", "mean KL"]
+    click.echo(format_table(header, table))
+
+
+def activations(
+    budgets: list[float], decode_steps: int, synthetic_len: int, layer_stride: int, out: Path
+) -> None:
     from mp_sglang.bundled_model import load_smollm2
 
     started = time.time()
@@ -51,7 +111,7 @@ def main(budgets: str, decode_steps: int, synthetic_len: int, layer_stride: int,
     rows = []
     for name, layers, rope in cases:
         context = layers[0].keys.shape[1]
-        for budget in (float(b) for b in budgets.split(",")):
+        for budget in budgets:
             for levels in (1, 2):
                 for windowed in (True, False) if rope is not None else (False,):
                     cfg = MultipoleConfig(token_budget=budget, levels=levels, windowed_rope=windowed)
@@ -72,8 +132,7 @@ def main(budgets: str, decode_steps: int, synthetic_len: int, layer_stride: int,
                         }
                     )
                     click.echo(f"{name} budget={budget} levels={levels} rope={windowed}: {result}", err=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "seconds": time.time() - started}, indent=2))
+    _write(out, rows, started)
     header = ["data", "context", "budget", "levels", "windowed RoPE", "rel. L2", "top-1 exact", "mass exact"]
     table = [
         [
@@ -89,7 +148,12 @@ def main(budgets: str, decode_steps: int, synthetic_len: int, layer_stride: int,
         for r in rows
     ]
     click.echo(format_table(header, table))
-    click.echo(f"\nwrote {out} ({time.time() - started:.0f} s)")
+
+
+def _write(out: Path, rows: list[dict], started: float) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "seconds": time.time() - started}, indent=2))
+    click.echo(f"wrote {out} ({time.time() - started:.0f} s)", err=True)
 
 
 if __name__ == "__main__":

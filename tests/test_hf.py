@@ -1,0 +1,128 @@
+"""attn_implementation="multipole" in transformers, on the real SmolLM2 weights (CPU)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+import mp_sglang.hf  # noqa: E402,F401  (registers the implementation)
+from mp_sglang.bundled_model import load_smollm2  # noqa: E402
+from mp_sglang.demo import sample_text  # noqa: E402
+
+SMALL_INDEX = {
+    "dense_below": 0,
+    "recent_window": 16,
+    "update_block": 8,
+    "kmeans_block": 128,
+    "sink_tokens": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_smollm2()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
+def generate(model, inputs, implementation, settings=None, new_tokens=8):
+    model.set_attn_implementation(implementation)
+    model.config.multipole = settings
+    for module in model.modules():  # each test starts without indexes
+        module.__dict__.pop("_multipole", None)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
+def prompt(tokenizer, chars=900, texts=1, padding_side="left"):
+    tokenizer.padding_side = padding_side
+    text = sample_text()
+    batch = [f"{text[i * 500 : i * 500 + chars - 200 * i]}\n\nWhat is this text about?" for i in range(texts)]
+    return tokenizer(batch, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module")
+def dense_run(smollm2):
+    model, tokenizer = smollm2
+    inputs = prompt(tokenizer)
+    return inputs, *generate(model, inputs, "sdpa")
+
+
+def test_full_budget_generates_exactly_what_dense_attention_does(smollm2, dense_run, caplog):
+    model, _ = smollm2
+    inputs, dense_tokens, dense_logits = dense_run
+    with caplog.at_level(logging.WARNING, logger="mp_sglang.hf"):
+        tokens, logits = generate(model, inputs, "multipole", {"token_budget": 1.0, **SMALL_INDEX})
+    assert torch.equal(tokens, dense_tokens)
+    assert (logits - dense_logits).abs().max() < 1e-3
+    assert "rebuilding" not in caplog.text  # every decode step updated the index, none rebuilt it
+    index = model.model.layers[0].self_attn.__dict__["_multipole"].indexes[0]
+    assert index.num_tokens == inputs["input_ids"].shape[1] + tokens.shape[1] - 1
+    assert index.num_clustered > 0
+
+
+def test_left_padded_batch_matches_rows_run_alone(smollm2):
+    model, tokenizer = smollm2
+    settings = {"token_budget": 0.1, **SMALL_INDEX}
+    batch = prompt(tokenizer, texts=2)
+    assert (batch["attention_mask"] == 0).any(), "the test needs a padded row"
+    together, _ = generate(model, batch, "multipole", settings, new_tokens=4)
+    for row in range(2):
+        keep = batch["attention_mask"][row].bool()
+        alone = {k: v[row : row + 1, keep] for k, v in batch.items()}
+        tokens, _ = generate(model, alone, "multipole", settings, new_tokens=4)
+        assert torch.equal(together[row], tokens[0])
+
+
+def test_next_token_distributions_approach_dense_as_the_budget_grows(smollm2, dense_run):
+    from mp_sglang.agreement import teacher_forced_agreement
+
+    model, _ = smollm2
+    inputs, dense_tokens, dense_logits = dense_run
+    kl = [
+        teacher_forced_agreement(
+            model,
+            inputs["input_ids"],
+            dense_tokens[0],
+            dense_logits[0].float(),
+            {"token_budget": b, **SMALL_INDEX},
+        ).mean_kl
+        for b in (0.05, 0.5)
+    ]
+    assert kl[0] > kl[1] > 0, kl
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    model.set_attn_implementation("multipole")
+    with pytest.raises(ValueError, match="not supported"):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_teacher_forced_agreement_is_perfect_at_full_budget(smollm2, dense_run):
+    from mp_sglang.agreement import teacher_forced_agreement
+
+    model, _ = smollm2
+    inputs, dense_tokens, dense_logits = dense_run
+    settings = {"token_budget": 1.0, **SMALL_INDEX}
+    result = teacher_forced_agreement(
+        model, inputs["input_ids"], dense_tokens[0], dense_logits[0].float(), settings
+    )
+    assert result.steps == dense_tokens.shape[1]
+    assert result.agreement == 1.0 and result.first_divergence is None
+    assert abs(result.mean_kl) < 1e-4
