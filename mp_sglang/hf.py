@@ -6,8 +6,8 @@ and builds each sequence's cluster index; every decode step folds the new token 
 The index lives on the attention module, one per batch row, and is checked against the cache
 length at every step, so a new prompt or a reordered cache rebuilds it instead of going wrong.
 
-Settings: `model.config.multipole` (a dict of MultipoleConfig fields, e.g. passed as
-`from_pretrained(..., multipole={"token_budget": 0.05})`), else the MULTIPOLE_* environment.
+Settings: `model.config.multipole` (a dict of MultipoleConfig fields, set before the first
+forward), else the MULTIPOLE_* environment.
 """
 
 from __future__ import annotations
