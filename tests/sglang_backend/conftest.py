@@ -1,8 +1,6 @@
 """sglang backend tests: real sglang pools, ForwardBatch and dense backend on the CPU.
 
 Everything here needs sglang (its own venv, see docs/sglang.md); without it every module skips.
-The modules check for "sglang.srt", not "sglang": without sglang installed, this directory itself
-would import as a namespace package named sglang.
 """
 
 from __future__ import annotations
