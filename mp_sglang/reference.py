@@ -56,6 +56,7 @@ class ClusterIndex:
     window_keys / window_values: lookup-frame keys and raw values of the final block and the
         recent window (tokens from `window_start` on): what the blockwise update re-clusters.
     rope: the model's rotary embedding when the index is in the windowed-RoPE frame, else None.
+    next_position: the RoPE position the next token added by `update_index` will have.
     """
 
     levels: tuple[ClusterLevel, ...]
@@ -69,6 +70,7 @@ class ClusterIndex:
     window_values: torch.Tensor
     rope: Rope | None
     rope_window: int
+    next_position: int
 
     @property
     def recent_start(self) -> int:
@@ -167,6 +169,7 @@ def build_index(
         window_values=values.float()[:, start:],
         rope=frame_rope,
         rope_window=cfg.rope_window,
+        next_position=int(positions[-1]) + 1 if seq else 0,
     )
     for size in block_sizes(num_clustered, cfg.kmeans_block):
         index = _append_block(index, size, cfg)
@@ -191,12 +194,13 @@ def update_index(
             f"new_keys has {new_keys.shape[0]} heads; the index has {index.window_keys.shape[0]}"
         )
     count = new_keys.shape[1]
-    positions = torch.arange(index.num_tokens, index.num_tokens + count, device=new_keys.device)
+    positions = torch.arange(index.next_position, index.next_position + count, device=new_keys.device)
     lookup_keys = _to_lookup_frame(new_keys.float(), positions, index.rope)
     skip = max(0, index.window_start - index.num_tokens)  # tokens still inside the sink region
     index = replace(
         index,
         num_tokens=index.num_tokens + count,
+        next_position=index.next_position + count,
         window_keys=torch.cat([index.window_keys, lookup_keys[:, skip:]], dim=1),
         window_values=torch.cat([index.window_values, new_values.float()[:, skip:]], dim=1),
     )
@@ -412,7 +416,7 @@ def lookup(
             tuple(torch.zeros_like(lv.counts, dtype=torch.bool) for lv in index.levels),
             tuple(torch.zeros(heads, q.shape[0] // heads, 0, device=q.device) for _ in index.levels),
         )
-    position = seq - 1 if q_position is None else q_position
+    position = index.next_position - 1 if q_position is None else q_position
     q_lookup = q.float() if index.rope is None else index.rope.rotate(q.float(), index.rope_window - position)
     qg = _group(q_lookup, heads)
     budget = cfg.budget_tokens(seq)
@@ -476,7 +480,7 @@ def decode_attention(
     """Multipole attention of one decode query: exact part and centroid part merged by LSE.
 
     q: `[num_q_heads, d]` after RoPE; keys/values: the request's whole cache `[H_kv, seq, d]`,
-    which the index must cover (`update_index` first). q_position defaults to seq - 1.
+    which the index must cover (`update_index` first). q_position defaults to the newest token's.
     """
     _check_kv(keys, values)
     if keys.shape[1] != index.num_tokens:

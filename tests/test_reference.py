@@ -281,3 +281,26 @@ def test_reference_runs_on_cuda_and_matches_cpu(generator):
         index = update_index(index, k[:, 2900:], v[:, 2900:], cfg)
         outs.append(decode_attention(q.to(device), k, v, index, cfg).cpu())
     assert rel_err(outs[1], outs[0]) <= 1e-4
+
+
+def test_positions_carry_from_build_to_updates(generator):
+    # A sequence whose RoPE positions start at 1000 (e.g. a continued conversation) must be
+    # un-rotated with those positions during updates too: the result equals building from scratch.
+    heads, q_heads, dim, seq = 2, 4, 16, 400
+    rope = Rope.standard(dim)
+    raw, values = clustered_kv(heads, seq, dim, 20, generator)
+    positions = torch.arange(1000, 1000 + seq)
+    keys = rope.rotate(raw, positions)
+    cfg = MultipoleConfig(token_budget=0.1, **SMALL)
+    grown = update_index(
+        build_index(keys[:, :300], values[:, :300], cfg, positions[:300], rope),
+        keys[:, 300:],
+        values[:, 300:],
+        cfg,
+    )
+    assert grown.next_position == 1000 + seq
+    # Every lookup-frame key the update kept equals the un-rotated raw key.
+    assert torch.allclose(grown.window_keys, raw[:, grown.window_start :], atol=1e-4)
+    q = torch.randn(q_heads, dim, generator=generator)
+    out = decode_attention(q, keys, values, grown, cfg)
+    assert out.shape == (q_heads, dim) and torch.isfinite(out).all()
