@@ -2,7 +2,7 @@
 
 A server engine module defines `HEALTH_PATH`, `default_model()`, `command(opts, port)` and
 `tokenizer(model)`; the harness launches (or attaches to) its OpenAI-compatible server. An in-process
-engine (e.g. a future `hf` engine) instead defines `open(opts, log_path)`, a context manager yielding
+engine (`hf`) instead defines `open(opts, log_path)`, a context manager yielding
 an object with `model` and `chat(messages, **params)` like `harness.client.ChatClient`.
 """
 
@@ -18,7 +18,11 @@ from types import ModuleType
 from harness.client import ChatClient
 from harness.server import attached, free_port, launched
 
-ENGINES = {"sglang": "harness.engines.sglang", "llamacpp": "harness.engines.llamacpp"}
+ENGINES = {
+    "sglang": "harness.engines.sglang",
+    "llamacpp": "harness.engines.llamacpp",
+    "hf": "harness.engines.hf",
+}
 
 
 @dataclass
