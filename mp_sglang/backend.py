@@ -5,23 +5,24 @@ elsewhere): it writes the new keys and values into the paged pool and computes e
 which is right for prefill (compute-bound, not what the method speeds up) and for short contexts.
 Then every query that attends as a decode step — a DECODE row, or an EXTEND/MIXED row with a
 single new token — over a context of at least `dense_below` tokens gets the method's output
-instead: its keys and values are read from the pool through req_to_token, its cluster index
-(`mp_sglang.index`) is built or brought up to date from them, and the exact part, the centroid
-part and their LSE merge are computed (`_attend_method_rows`, the seam where the mp_kernels path
-will plug in; today the plain-torch reference, per request, on the pool's device).
+instead: its cluster index (`mp_sglang.index`) is built or brought up to date from the keys and
+values in the pool, and the exact part, the centroid part and their LSE merge are computed
+(`_attend_method_rows`): on CUDA by the mp_kernels kernels for all rows at once
+(`mp_sglang.kernel_path`), elsewhere by the plain-torch reference, request by request. A DECODE
+batch whose rows are all the method's skips the dense kernel and only writes its K/V.
 
 Because the index is always made from what the pool holds, radix-cache prefix hits and chunked
 prefills need no special case: the index of a request is built at its first decode-like step
 over its whole cache, and updated blockwise (`update_index`) at every step after.
 
-Not yet: CUDA graphs (refused with a message), GPU kernels, speculative decoding.
+Not yet: CUDA graphs (refused with a message), speculative decoding.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +31,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.index import IndexTable
+from mp_sglang.kernel_path import KernelDecoder, MethodRow
 from mp_sglang.reference import decode_attention
 from mp_sglang.rope import Rope
 
@@ -47,16 +49,6 @@ _NO_CUDA_GRAPHS = (
 )
 # Positions compared when checking that a rebuilt RoPE matches the model's cos/sin cache.
 _ROPE_CHECK_POSITIONS = 4096
-
-
-@dataclass(frozen=True)
-class _MethodRow:
-    """A query the method answers: its row in q, its request row, and its context length."""
-
-    query: int
-    req: int
-    seq_len: int
-    generation: int
 
 
 class MultipoleAttnBackend(AttentionBackend):
@@ -79,10 +71,17 @@ class MultipoleAttnBackend(AttentionBackend):
                 logger.warning("multipole: windowed_rope disabled, keys clustered as stored: %s", why_not)
                 self.cfg = replace(self.cfg, windowed_rope=False)
         self.table = IndexTable(self.req_to_token_pool.req_to_token.shape[0])
-        self._rows: list[_MethodRow] = []
+        self._rows: list[MethodRow] = []
+        self._all_rows_method = False
+        self.kernels: KernelDecoder | None = None
+        if _use_kernels(self.cfg.decode_path, runner.device):
+            self.kernels = KernelDecoder(
+                self.cfg, self.req_to_token_pool, self.kv_pool, self.table, self.rope
+            )
         logger.info(
-            "multipole: dense path %s, index table of %d request rows (torch reference), settings %s",
+            "multipole: dense path %s, decode through %s, index table of %d request rows, settings %s",
             self.dense_name,
+            "mp_kernels" if self.kernels else "the torch reference",
             self.table.num_rows,
             self.cfg.to_dict(),
         )
@@ -95,8 +94,11 @@ class MultipoleAttnBackend(AttentionBackend):
         pool = self.req_to_token_pool
         self.table.sync(pool.req_generation, pool.free_slots)
         mode = forward_batch.forward_mode
+        self._rows = []
+        self._all_rows_method = False
         if mode.is_idle():
-            self._rows = []
+            if self.kernels:
+                self.kernels.plan([], forward_batch.seq_lens.device)
             return
         reqs = forward_batch.req_pool_indices.tolist()
         seq_lens = _cpu_list(forward_batch.seq_lens_cpu, forward_batch.seq_lens)
@@ -109,12 +111,14 @@ class MultipoleAttnBackend(AttentionBackend):
             self.table.drop(
                 req for req, n in zip(reqs, new_tokens, strict=True) if n > 1 or not mode.is_mixed()
             )
-        self._rows = []
         end = 0
         for req, seq_len, n in zip(reqs, seq_lens, new_tokens, strict=True):
             end += n
             if n == 1 and seq_len >= self.cfg.dense_below:
-                self._rows.append(_MethodRow(end - 1, req, seq_len, int(pool.req_generation[req])))
+                self._rows.append(MethodRow(end - 1, req, seq_len, int(pool.req_generation[req])))
+        self._all_rows_method = mode.is_decode() and len(self._rows) == len(reqs)
+        if self.kernels:
+            self.kernels.plan(self._rows, forward_batch.seq_lens.device)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
         raise NotImplementedError(_NO_CUDA_GRAPHS)
@@ -138,7 +142,17 @@ class MultipoleAttnBackend(AttentionBackend):
         **kwargs,
     ) -> torch.Tensor:
         _check_layer(layer)
-        out = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        if self._all_rows_method:
+            # Every row is the method's: the dense kernel would be thrown away, only its KV write is kept.
+            if save_kv_cache and k is not None:
+                self.kv_pool.set_kv_buffer(
+                    layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale
+                )
+            out = q.new_empty(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+        else:
+            out = self.dense.forward_decode(
+                q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs
+            )
         return self._attend_method_rows(q, out, layer)
 
     def forward_extend(
@@ -162,6 +176,8 @@ class MultipoleAttnBackend(AttentionBackend):
         """
         if not self._rows:
             return out
+        if self.kernels:
+            return self.kernels.attend(q, out, layer)
         dim = layer.qk_head_dim
         queries = q.reshape(-1, layer.tp_q_head_num, dim)
         outputs = out.view(-1, layer.tp_q_head_num, layer.v_head_dim)
@@ -174,7 +190,13 @@ class MultipoleAttnBackend(AttentionBackend):
             keys = key_buffer[slots].transpose(0, 1)
             values = value_buffer[slots].transpose(0, 1)
             index = self.table.ensure(
-                row.req, row.generation, layer.layer_id, keys, values, self.cfg, self.rope
+                row.req,
+                row.generation,
+                layer.layer_id,
+                row.seq_len,
+                _slices_of(keys, values),
+                self.cfg,
+                self.rope,
             )
             query = queries[row.query].float() * q_scale
             outputs[row.query] = decode_attention(query, keys, values, index, self.cfg).to(outputs)
@@ -191,6 +213,18 @@ def _config_from_env() -> MultipoleConfig:
         raise ValueError(
             f"--attention-backend multipole: invalid MULTIPOLE_* settings: {err} (see docs/usage.md)"
         ) from err
+
+
+def _slices_of(keys: torch.Tensor, values: torch.Tensor):
+    """A `KVReader` over keys/values already read from the pool."""
+    return lambda start, end: (keys[:, start:end], values[:, start:end])
+
+
+def _use_kernels(decode_path: str, device: object) -> bool:
+    """The kernel path for "kernels", or for "auto" on CUDA (where Triton runs)."""
+    if decode_path == "auto":
+        return str(device).startswith("cuda")
+    return decode_path == "kernels"
 
 
 def _unsupported(runner: ModelRunner) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 ENV_PREFIX = "MULTIPOLE_"
 ENV_CONFIG_FILE = "MULTIPOLE_CONFIG"
+DECODE_PATHS = ("auto", "kernels", "reference")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class MultipoleConfig:
     rope_window: the fixed query position of the windowed-RoPE lookup frame.
     dense_below: contexts shorter than this decode densely; sparsity buys nothing there.
     seed: seeds the k-means initialisation, so that an index is reproducible.
+    decode_path: how a serving backend computes decode steps: "kernels" (mp_kernels, batched;
+        Triton on CUDA, their torch references elsewhere), "reference" (mp_sglang.reference, one
+        request at a time), or "auto" (kernels on CUDA, reference elsewhere).
     """
 
     token_budget: float = 0.02
@@ -58,6 +62,7 @@ class MultipoleConfig:
     rope_window: int = 2048
     dense_below: int = 4096
     seed: int = 0
+    decode_path: str = "auto"
 
     def __post_init__(self) -> None:
         budget = self.token_budget
@@ -84,6 +89,8 @@ class MultipoleConfig:
             )
         if not isinstance(self.windowed_rope, bool):
             raise ValueError(f"windowed_rope must be true or false; got {self.windowed_rope!r}")
+        if self.decode_path not in DECODE_PATHS:
+            raise ValueError(f"decode_path must be one of {DECODE_PATHS}; got {self.decode_path!r}")
         multiplier = self.level_budget_multiplier
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier < 1:
             raise ValueError(f"level_budget_multiplier must be a number >= 1; got {multiplier!r}")
@@ -148,6 +155,8 @@ def _parse_env_value(key: str, raw: str, type_name: str) -> Any:
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{key}={raw!r} is not a boolean (use true/false)")
+    if type_name == "str":
+        return text
     try:
         return int(text) if type_name == "int" else _number(text)
     except ValueError:

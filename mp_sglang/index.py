@@ -7,14 +7,14 @@ allocation of a row, never reset) and `free_slots` (rows of finished or aborted 
 or handed to another request, so the table holds at most one entry per row and cannot grow as
 requests come and go.
 
-This is the storage of the torch reference path: one `ClusterIndex` per (row, layer), built or
-brought up to date from the keys in the pool on demand. The GPU path will keep the same keys
-(row, layer) over fixed buffers sized from the pool at start-up.
+One `ClusterIndex` per (row, layer), built or brought up to date from the keys in the pool on
+demand, on the pool's device. Both decode paths use it; the kernel path (`mp_sglang.kernel_path`)
+also keeps a packed copy per layer for the kernels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +22,13 @@ import torch
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.reference import ClusterIndex, build_index, update_index
 from mp_sglang.rope import Rope
+
+KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def fold_due(index: ClusterIndex, seq_len: int, cfg: MultipoleConfig) -> bool:
+    """Whether a cache of `seq_len` tokens has outgrown the index's recent window (see `update_index`)."""
+    return seq_len - index.recent_start >= cfg.recent_window + cfg.update_block
 
 
 @dataclass
@@ -59,17 +66,24 @@ class IndexTable:
         row: int,
         generation: int,
         layer_id: int,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        seq_len: int,
+        read: KVReader,
         cfg: MultipoleConfig,
         rope: Rope | None,
+        fold_only: bool = False,
     ) -> ClusterIndex:
-        """The index of `row`'s layer over exactly the request's cached tokens `keys`/`values`.
+        """The index of `row`'s layer over the request's first `seq_len` cached tokens.
 
-        `keys`/`values` are `[H_kv, seq, d]` read from the pool (post-RoPE). An index covering a
-        prefix of them is brought up to date blockwise (`update_index`); a missing one, or one that
-        covers more tokens than the cache now holds, is built afresh (`build_index`), which is how
-        radix-cache prefix hits and chunked prefills get indexed: from what the pool holds.
+        `read(start, end)` returns the request's keys/values `[H_kv, end - start, d]` from the pool
+        (post-RoPE). An index covering a prefix of the cache is brought up to date blockwise
+        (`update_index`); a missing one, or one that covers more tokens than the cache now holds,
+        is built afresh (`build_index`), which is how radix-cache prefix hits and chunked prefills
+        get indexed: from what the pool holds.
+
+        fold_only: update only when the recent window is due to fold. Until then the index lags
+        the cache, which costs nothing to a caller that attends exactly to every token from the
+        index's `recent_start` to `seq_len` (the kernel path): it avoids reading and copying the
+        newest keys at every step.
         """
         if not 0 <= row < self.num_rows:
             raise IndexError(f"req_pool_idx {row} outside the table of {self.num_rows} rows")
@@ -77,11 +91,10 @@ class IndexTable:
         if entry is None or entry.generation != generation:
             entry = self._entries[row] = _Entry(generation)
         index = entry.layers.get(layer_id)
-        seq = keys.shape[1]
-        if index is None or index.num_tokens > seq:
-            index = build_index(keys, values, cfg, rope=rope)
-        elif index.num_tokens < seq:
-            index = update_index(index, keys[:, index.num_tokens :], values[:, index.num_tokens :], cfg)
+        if index is None or index.num_tokens > seq_len:
+            index = build_index(*read(0, seq_len), cfg, rope=rope)
+        elif index.num_tokens < seq_len and not (fold_only and not fold_due(index, seq_len, cfg)):
+            index = update_index(index, *read(index.num_tokens, seq_len), cfg)
         entry.layers[layer_id] = index
         return index
 

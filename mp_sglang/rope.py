@@ -34,15 +34,25 @@ class Rope:
         Negative positions undo a rotation. Computed in float64 so that a rotation and its
         inverse cancel to float32 rounding.
         """
-        positions = torch.as_tensor(positions, device=x.device, dtype=torch.float64)
-        angles = positions.unsqueeze(-1) * self.inv_freq.to(device=x.device, dtype=torch.float64)
-        cos, sin = angles.cos(), angles.sin()
-        xd = x.double()
+        cos, sin = self.cos_sin(positions, x.device, torch.float64)
+        return self.apply(x.double(), cos, sin).to(x.dtype)
+
+    def cos_sin(
+        self, positions: torch.Tensor | int, device: torch.device | str, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[n, d/2]` (or `[d/2]`) of the rotation by `positions`, for `apply`.
+
+        Angles are formed in float64 whatever `dtype` is, so large positions keep their precision.
+        """
+        positions = torch.as_tensor(positions, device=device, dtype=torch.float64)
+        angles = positions.unsqueeze(-1) * self.inv_freq.to(device=device, dtype=torch.float64)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate `x[..., n, d]` by precomputed `cos_sin` (a batch reuses them for every layer)."""
         if self.neox:
             half = x.shape[-1] // 2
-            x1, x2 = xd[..., :half], xd[..., half:]
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        else:
-            x1, x2 = xd[..., 0::2], xd[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        return out.to(x.dtype)
+            x1, x2 = x[..., :half], x[..., half:]
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

@@ -54,16 +54,14 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def build_model(args: argparse.Namespace, tokenizer):
-    """A LlamaForCausalLM with the requested shape and the library's own random initialisation."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_config(args: argparse.Namespace, tokenizer):
+    """The LlamaConfig of the requested shape."""
+    from transformers import LlamaConfig
 
     if args.hidden % args.heads or args.heads % args.kv_heads:
         raise ValueError("hidden must divide by heads, and heads by kv-heads")
-    torch.manual_seed(args.seed)
     vocab = -(-len(tokenizer) // 64) * 64  # padded like real checkpoints; extra rows are never produced
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate or 4 * args.hidden,
@@ -80,6 +78,15 @@ def build_model(args: argparse.Namespace, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype=args.dtype,
     )
+
+
+def build_model(args: argparse.Namespace, tokenizer):
+    """A LlamaForCausalLM with the requested shape and the library's own random initialisation."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    config = build_config(args, tokenizer)
     model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -99,28 +106,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pos", type=int, default=8192, help="max_position_embeddings")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--config-only",
+        action="store_true",
+        help="write config and tokenizer but no weights (serve with sglang's --load-format dummy)",
+    )
     args = ap.parse_args(argv)
     if min(args.hidden, args.layers, args.heads, args.kv_heads, args.vocab, args.max_pos) <= 0:
         ap.error("sizes must be positive")
 
     tokenizer = build_tokenizer(args.vocab)
+    args.out.mkdir(parents=True, exist_ok=True)
     try:
-        model = build_model(args, tokenizer)
+        if args.config_only:
+            config = build_config(args, tokenizer)
+            config.save_pretrained(args.out)
+        else:
+            model = build_model(args, tokenizer)
+            config = model.config
+            model.save_pretrained(args.out, safe_serialization=True)
     except ValueError as e:
         ap.error(str(e))
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
 
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True)
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding here
         ids = ids["input_ids"]
-    n_params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({
-        "out": str(args.out), "params": n_params, "vocab": model.config.vocab_size,
-        "tokenizer_len": len(tokenizer), "chat_prompt_tokens": len(ids),
-        "files": sorted(p.name for p in args.out.iterdir()),
-    }))
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "weights": not args.config_only,
+                "vocab": config.vocab_size,
+                "tokenizer_len": len(tokenizer),
+                "chat_prompt_tokens": len(ids),
+                "files": sorted(p.name for p in args.out.iterdir()),
+            }
+        )
+    )
     return 0
 
 

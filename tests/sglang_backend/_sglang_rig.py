@@ -20,7 +20,9 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
+from mp_sglang.config import MultipoleConfig
 from mp_sglang.plugin import create_backend
+from mp_sglang.reference import build_index, decode_attention, update_index
 
 HEADS_Q, HEADS_KV, DIM, LAYERS = 4, 2, 16, 2
 
@@ -73,10 +75,14 @@ class Rig:
         kv_slots: int = 16384,
         model: torch.nn.Module | None = None,
         seed: int = 0,
+        device: str = "cpu",
         **runner_fields: object,
     ) -> None:
+        """`device` holds the pools and tensors; the runner stays "cpu", so the dense path is
+        torch_native (device-agnostic) even on a GPU, and the rig needs no full sglang runtime."""
+        self.device = device
         self.req_pool = ReqToTokenPool(
-            size=rows, max_context_len=context, device="cpu", enable_memory_saver=False
+            size=rows, max_context_len=context, device=device, enable_memory_saver=False
         )
         self.kv_pool = MHATokenToKVPool(
             size=kv_slots,
@@ -85,7 +91,7 @@ class Rig:
             head_num=HEADS_KV,
             head_dim=DIM,
             layer_num=LAYERS,
-            device="cpu",
+            device=device,
             enable_memory_saver=False,
         )
         self.generator = torch.Generator().manual_seed(seed)
@@ -109,6 +115,8 @@ class Rig:
         that request's KV slots (shared, not copied), as sglang's prefix cache hands them out."""
         row = _alloc_row(self.req_pool)
         request = Request(row)
+        request.keys = [k.to(self.device) for k in request.keys]
+        request.values = [v.to(self.device) for v in request.values]
         if prefix_of is not None:
             self.req_pool.req_to_token[row, :prefix_len] = self.req_pool.req_to_token[
                 prefix_of.row, :prefix_len
@@ -127,9 +135,10 @@ class Rig:
         tokens = batch.out_cache_loc.shape[0]
         queries, outputs = [], []
         for layer in self.layers:
-            q = torch.randn(tokens, HEADS_Q, DIM, generator=self.generator)
-            k = torch.randn(tokens, HEADS_KV, DIM, generator=self.generator)
-            v = torch.randn(tokens, HEADS_KV, DIM, generator=self.generator)
+            q, k, v = (
+                torch.randn(tokens, heads, DIM, generator=self.generator).to(self.device)
+                for heads in (HEADS_Q, HEADS_KV, HEADS_KV)
+            )
             out = self.backend.forward(q.reshape(tokens, -1), k, v, layer, batch)
             queries.append(q)
             outputs.append(out.reshape(tokens, HEADS_Q, DIM))
@@ -152,28 +161,52 @@ class Rig:
             slots = torch.tensor([self._free_kv.pop() for _ in range(count)], dtype=torch.int32)
             self.req_pool.req_to_token[request.row, start : start + count] = slots
             locs.append(slots)
+        dev = self.device
         extend = {}
         if mode != ForwardMode.DECODE:
             extend = {
                 "extend_num_tokens": sum(counts),
-                "extend_seq_lens": torch.tensor(counts),
-                "extend_prefix_lens": torch.tensor(prefix),
-                "extend_start_loc": torch.tensor([0, *counts[:-1]]).cumsum(0),
+                "extend_seq_lens": torch.tensor(counts, device=dev),
+                "extend_prefix_lens": torch.tensor(prefix, device=dev),
+                "extend_start_loc": torch.tensor([0, *counts[:-1]]).cumsum(0).to(dev),
                 "extend_seq_lens_cpu": counts,
                 "extend_prefix_lens_cpu": prefix,
             }
         return ForwardBatch(
             forward_mode=mode,
             batch_size=len(steps),
-            input_ids=torch.zeros(sum(counts), dtype=torch.int64),
-            req_pool_indices=torch.tensor([request.row for request, _ in steps]),
-            seq_lens=torch.tensor(seq_lens),
+            input_ids=torch.zeros(sum(counts), dtype=torch.int64, device=dev),
+            req_pool_indices=torch.tensor([request.row for request, _ in steps], device=dev),
+            seq_lens=torch.tensor(seq_lens, device=dev),
             seq_lens_cpu=torch.tensor(seq_lens),
-            out_cache_loc=torch.cat(locs).long(),
+            out_cache_loc=torch.cat(locs).long().to(dev),
             seq_lens_sum=sum(seq_lens),
-            positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq_lens, strict=True)]),
+            positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq_lens, strict=True)]).to(dev),
             **extend,
         )
+
+
+class Replay:
+    """The index a request should have, per layer, by the rule the backend follows: built over the
+    whole cache at the first decode-like step after a prefill, then updated token by token."""
+
+    def __init__(self, cfg: MultipoleConfig, rope=None) -> None:
+        self.cfg, self.rope, self.indexes = cfg, rope, {}
+
+    def reset(self, request) -> None:
+        for layer in range(LAYERS):
+            self.indexes.pop((request.row, layer), None)
+
+    def decode(self, request, query: torch.Tensor, layer: int) -> torch.Tensor:
+        keys, values = request.keys[layer], request.values[layer]
+        index = self.indexes.get((request.row, layer))
+        if index is None:
+            index = build_index(keys, values, self.cfg, rope=self.rope)
+        else:
+            start = index.num_tokens
+            index = update_index(index, keys[:, start:], values[:, start:], self.cfg)
+        self.indexes[(request.row, layer)] = index
+        return decode_attention(query, keys, values, index, self.cfg)
 
 
 def model_with_rope(monkeypatch: pytest.MonkeyPatch, **scaling: object) -> torch.nn.Module:

@@ -7,11 +7,11 @@ import torch
 
 pytest.importorskip("sglang.srt", reason="sglang is not installed (see docs/sglang.md)")
 
-from _sglang_rig import DIM, LAYERS, Rig, model_with_rope, set_config
+from _sglang_rig import DIM, LAYERS, Replay, Rig, model_with_rope, set_config
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from mp_sglang.config import MultipoleConfig
-from mp_sglang.reference import build_index, decode_attention, dense_attention, update_index
+from mp_sglang.reference import dense_attention
 from mp_sglang.rope import Rope
 
 TOL = 1e-5
@@ -31,27 +31,11 @@ def _causal_dense(rig_pass, request, first: int, count: int, offset: int, layer:
     )
 
 
-class Replay:
-    """The index a request should have, per layer, by the rule the backend follows: built over the
-    whole cache at the first decode-like step after a prefill, then updated token by token."""
-
-    def __init__(self, cfg: MultipoleConfig, rope=None) -> None:
-        self.cfg, self.rope, self.indexes = cfg, rope, {}
-
-    def reset(self, request) -> None:
-        for layer in range(LAYERS):
-            self.indexes.pop((request.row, layer), None)
-
-    def decode(self, request, query: torch.Tensor, layer: int) -> torch.Tensor:
-        keys, values = request.keys[layer], request.values[layer]
-        index = self.indexes.get((request.row, layer))
-        if index is None:
-            index = build_index(keys, values, self.cfg, rope=self.rope)
-        else:
-            start = index.num_tokens
-            index = update_index(index, keys[:, start:], values[:, start:], self.cfg)
-        self.indexes[(request.row, layer)] = index
-        return decode_attention(query, keys, values, index, self.cfg)
+@pytest.fixture(autouse=True, params=["reference", "kernels"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both decode paths (the kernels as their torch references on the CPU)."""
+    monkeypatch.setenv("MULTIPOLE_DECODE_PATH", request.param)
+    return request.param
 
 
 def test_extend_is_dense_causal_attention(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,6 +52,9 @@ def test_extend_is_dense_causal_attention(monkeypatch: pytest.MonkeyPatch) -> No
 def test_decode_full_budget_equals_dense(monkeypatch: pytest.MonkeyPatch) -> None:
     set_config(monkeypatch, token_budget=1.0)
     rig = Rig()
+    dense_decodes = []
+    original = rig.backend.dense.forward_decode
+    rig.backend.dense.forward_decode = lambda *a, **k: dense_decodes.append(1) or original(*a, **k)
     requests = [rig.new_request() for _ in range(3)]
     rig.forward([(r, n) for r, n in zip(requests, (70, 150, 301), strict=True)], ForwardMode.EXTEND)
     for _ in range(20):  # crosses several blockwise updates (update_block 8 beyond a window of 16)
@@ -77,6 +64,7 @@ def test_decode_full_budget_equals_dense(monkeypatch: pytest.MonkeyPatch) -> Non
                 expected = dense_attention(out.queries[layer][i], r.keys[layer], r.values[layer])
                 assert torch.allclose(out.outputs[layer][i], expected, atol=TOL)
     assert len(rig.backend.table) == 3
+    assert not dense_decodes  # every row was the method's: the backend wrote K/V, no dense decode ran
 
 
 def test_decode_partial_budget_follows_reference(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,281 @@
+"""End-to-end serving benchmark: sglang with a dense backend vs. `--attention-backend multipole`.
+
+    python scripts/bench_e2e.py --model-path DIR --load-format dummy \\
+        --backend flashinfer --backend "multipole --disable-cuda-graph" \\
+        --contexts 8192 32768 65536 --batches 1 8 32 --out $OUT/bench_e2e.json
+
+Each backend gets its own server, launched in turn on the same model with the same flags, and the
+same requests: for every context x batch that fits the KV pool, `batch` concurrent /generate
+requests of `context` random prompt tokens (seeded, so both backends see identical inputs; the
+radix cache is off, so nothing is reused) that each stream `--new-tokens` greedy tokens with EOS
+ignored. Per row: time to first token (prefill), the first decode step (where multipole builds its
+cluster index), and steady-state decode throughput and per-token latency over the tokens after
+`--warmup-tokens`. With `--agreement-prompt FILE` each backend also decodes that prompt greedily
+and the outputs are compared token by token with the first backend's. Prints a side-by-side table
+last and writes all numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.server import free_port, launched  # noqa: E402
+
+
+@dataclass
+class Stream:
+    """Arrival times of one request's streamed chunks, and how many tokens each had generated."""
+
+    sent: float
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    backend: str
+    context: int
+    batch: int
+    new_tokens: int
+    ttft_s: float
+    first_step_s: float
+    decode_tok_s: float
+    itl_ms: float
+
+
+def main() -> int:
+    args = _parse()
+    backends = [_backend(spec) for spec in args.backend]
+    rng = random.Random(args.seed)
+    vocab = json.loads((args.model_path / "config.json").read_text())["vocab_size"]
+    shapes = [(c, b) for c in args.contexts for b in args.batches if c * b <= args.max_batch_tokens]
+    prompts = {shape: [_random_ids(rng, shape[0], vocab) for _ in range(shape[1])] for shape in shapes}
+    agreement_prompt = args.agreement_prompt.read_text() if args.agreement_prompt else None
+    result: dict = {
+        "args": vars(args) | {"agreement_prompt": str(args.agreement_prompt)},
+        "rows": [],
+        "agreement": {},
+    }
+    outputs: dict[str, list[int]] = {}
+    for name, extra in backends:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        command = [
+            sys.executable, "-m", "sglang.launch_server", "--model-path", str(args.model_path),
+            "--attention-backend", name, "--port", str(port), "--disable-radix-cache",
+            "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(args.context_length),
+            *(["--load-format", args.load_format] if args.load_format else []), *extra,
+        ]  # fmt: skip
+        log = args.log_dir / f"server-{name}.log"
+        started = time.monotonic()
+        with launched(command, base, "/health", log, timeout_s=args.startup_timeout):
+            print(f"[{name}] up in {time.monotonic() - started:.0f}s", flush=True)
+            _generate(base, [[1] * 64], 8)  # warm-up: compile/capture paths outside the timings
+            for context, batch in shapes:
+                streams = _generate(base, prompts[(context, batch)], args.new_tokens)
+                row = _row(name, context, batch, args.new_tokens, args.warmup_tokens, streams)
+                result["rows"].append(asdict(row))
+                print(f"[{name}] {row}", flush=True)
+                _dump(args.out, result)
+            if agreement_prompt is not None:
+                outputs[name] = _greedy(base, agreement_prompt, args.agreement_tokens)
+    if outputs:
+        result["agreement"] = _agreement(outputs)
+    _dump(args.out, result)
+    print(_table(result, [name for name, _ in backends]))
+    return 0
+
+
+# ---------------------------------------------------------------------- requests
+
+
+def _generate(base: str, prompts: list[list[int]], new_tokens: int) -> list[Stream]:
+    """Send every prompt at once (one thread each) and collect the streamed chunks."""
+    streams = [Stream(sent=0.0) for _ in prompts]
+    threads = [
+        threading.Thread(target=_stream_one, args=(base, ids, new_tokens, stream))
+        for ids, stream in zip(prompts, streams, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = [s.error for s in streams if s.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} request(s) failed: {failed[0]}")
+    return streams
+
+
+def _stream_one(base: str, ids: list[int], new_tokens: int, stream: Stream) -> None:
+    body = {
+        "input_ids": ids,
+        "stream": True,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True},
+    }
+    request = urllib.request.Request(
+        base + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    stream.sent = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=1800) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                stream.arrivals.append((time.perf_counter(), int(chunk["meta_info"]["completion_tokens"])))
+    except Exception as err:  # reported by _generate with the others
+        stream.error = f"{type(err).__name__}: {err}"
+
+
+def _greedy(base: str, prompt: str, new_tokens: int) -> list[int]:
+    """Greedy continuation of a chat prompt, as token ids."""
+    body = {
+        "text": prompt,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True},
+        "return_logprob": True,
+    }
+    request = urllib.request.Request(
+        base + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=1800) as resp:
+        reply = json.loads(resp.read())
+    return [int(entry[1]) for entry in reply["meta_info"]["output_token_logprobs"]]
+
+
+# ---------------------------------------------------------------------- numbers
+
+
+def _row(name: str, context: int, batch: int, new_tokens: int, warmup: int, streams: list[Stream]) -> Row:
+    """Prefill, first decode step, and steady-state decode of one batch.
+
+    Steady state runs from the moment every request has `warmup` tokens to the moment the last one
+    finishes, so each request's first decode step (and a backend's one-off work there) is excluded.
+    """
+    ttft = [s.arrivals[0][0] - s.sent for s in streams]
+    first_step = [_time_of(s, 2) - _time_of(s, 1) for s in streams]
+    begin = max(_time_of(s, warmup) for s in streams)
+    end = max(s.arrivals[-1][0] for s in streams)
+    produced = sum(new_tokens - warmup for _ in streams)
+    itl = [(s.arrivals[-1][0] - _time_of(s, warmup)) / max(1, new_tokens - warmup) for s in streams]
+    return Row(
+        backend=name,
+        context=context,
+        batch=batch,
+        new_tokens=new_tokens,
+        ttft_s=round(statistics.median(ttft), 4),
+        first_step_s=round(statistics.median(first_step), 4),
+        decode_tok_s=round(produced / max(end - begin, 1e-9), 1),
+        itl_ms=round(1000 * statistics.median(itl), 2),
+    )
+
+
+def _time_of(stream: Stream, tokens: int) -> float:
+    """When the stream had produced at least `tokens` tokens."""
+    return next(t for t, n in stream.arrivals if n >= tokens)
+
+
+def _agreement(outputs: dict[str, list[int]]) -> dict:
+    """Each backend's greedy output against the first backend's, position by position."""
+    names = list(outputs)
+    base = outputs[names[0]]
+    report = {"reference": names[0], "tokens": len(base)}
+    for name in names[1:]:
+        other = outputs[name]
+        same = [a == b for a, b in zip(base, other, strict=False)]
+        first = next((i for i, ok in enumerate(same) if not ok), None)
+        report[name] = {"agreement": sum(same) / max(1, len(base)), "first_divergence": first}
+    return report
+
+
+def _table(result: dict, names: list[str]) -> str:
+    rows = {(r["backend"], r["context"], r["batch"]): r for r in result["rows"]}
+    dense, others = names[0], names[1:]
+    head = ["ctx", "B", f"{dense} tok/s", f"{dense} ITL ms", f"{dense} TTFT s"]
+    for name in others:
+        head += [f"{name} tok/s", f"{name} ITL ms", f"{name} TTFT s", f"{name} 1st step s", "speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for context, batch in sorted({(r["context"], r["batch"]) for r in result["rows"]}):
+        base = rows.get((dense, context, batch))
+        if base is None:
+            continue
+        cells = [
+            str(context),
+            str(batch),
+            f"{base['decode_tok_s']:.0f}",
+            f"{base['itl_ms']:.2f}",
+            f"{base['ttft_s']:.2f}",
+        ]
+        for name in others:
+            row = rows.get((name, context, batch))
+            if row is None:
+                cells += ["-"] * 5
+                continue
+            speedup = row["decode_tok_s"] / base["decode_tok_s"]
+            cells += [f"{row['decode_tok_s']:.0f}", f"{row['itl_ms']:.2f}", f"{row['ttft_s']:.2f}",
+                      f"{row['first_step_s']:.2f}", f"{speedup:.2f}x"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["agreement"]:
+        lines.append(f"greedy agreement: {json.dumps(result['agreement'])}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- plumbing
+
+
+def _random_ids(rng: random.Random, length: int, vocab: int) -> list[int]:
+    return [rng.randrange(10, vocab) for _ in range(length)]
+
+
+def _backend(spec: str) -> tuple[str, list[str]]:
+    """ "NAME [extra server flags]" -> (NAME, flags)."""
+    words = shlex.split(spec)
+    return words[0], words[1:]
+
+
+def _dump(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
+def _parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", type=Path, required=True)
+    ap.add_argument("--load-format", help="e.g. dummy: random weights from the config, no checkpoint")
+    ap.add_argument(
+        "--backend",
+        action="append",
+        required=True,
+        help='"NAME [server flags]", repeated; the first is the baseline',
+    )
+    ap.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 65536])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--max-batch-tokens", type=int, default=600_000, help="skip context x batch above this")
+    ap.add_argument("--new-tokens", type=int, default=160)
+    ap.add_argument("--warmup-tokens", type=int, default=8)
+    ap.add_argument("--context-length", type=int, default=70_000)
+    ap.add_argument("--mem-fraction", type=float, default=0.6)
+    ap.add_argument("--agreement-prompt", type=Path, help="text file decoded greedily by every backend")
+    ap.add_argument("--agreement-tokens", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--log-dir", type=Path, default=Path("."))
+    ap.add_argument("--out", type=Path, default=Path("bench_e2e.json"))
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
