@@ -226,11 +226,24 @@ class Resolver:
             r = subprocess.run(cmd, capture_output=True, text=True)
             got = list(Path(tmp).glob("*.whl"))
             if r.returncode or len(got) != 1:
+                got = self._build_pure(name, spec, Path(tmp))
+            if len(got) != 1:
                 tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
                 raise RuntimeError(f"no wheel of {name}{spec} for this target:\n  " + "\n  ".join(tail))
             dest = self.wheels / got[0].name
             shutil.move(str(got[0]), dest)
             return dest
+
+    def _build_pure(self, name: str, spec: SpecifierSet, tmp: Path) -> list[Path]:
+        """A package that publishes only an sdist (sqlitedict, word2number, ...): build its wheel
+        here, and keep it only if it is pure Python (`none-any`), which installs on any target."""
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp), f"{name}{spec}"]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode:
+            return []
+        got = [w for w in tmp.glob("*.whl") if w.name.endswith("-none-any.whl")]
+        if got:
+            self.notes.append(f"{got[0].name}: built here from the sdist (pure Python, no wheel published)")
+        return got
 
     def _check_cuda(self, wheel: Path, need: Need) -> None:
         """Note a wheel built for another CUDA major: legal when declared, but worth seeing."""
