@@ -61,11 +61,15 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def auto_engine() -> str:
-    """sglang where it is installed next to an NVIDIA driver, else llama.cpp (the CPU engine)."""
+def auto_engine(attach: bool = False) -> str:
+    """sglang where it is installed next to an NVIDIA driver; else the in-process hf engine (SmolLM2).
+
+    Attaching to a `--url` without sglang+GPU picks llamacpp, the CPU server engine: an in-process
+    engine has nothing to attach to.
+    """
     if importlib.util.find_spec("sglang") is not None and shutil.which("nvidia-smi"):
         return "sglang"
-    return "llamacpp"
+    return "llamacpp" if attach else "hf"
 
 
 @click.group()
@@ -86,13 +90,15 @@ def tasks_path_cmd() -> None:
     type=click.Choice(["auto", *sorted(ENGINES)]),
     default="auto",
     show_default=True,
-    help="auto: sglang if installed with an NVIDIA driver, else llamacpp.",
+    help="auto: sglang if installed with an NVIDIA driver, else hf (in-process, CPU; llamacpp with --url).",
 )
 @click.option(
-    "--model", help="Model to serve: hub id / directory (sglang), .gguf file (llamacpp; default SmolLM2)."
+    "--model",
+    help="hub id / directory (sglang, hf), .gguf file (llamacpp, hf); default for hf and llamacpp: SmolLM2.",
 )
 @click.option(
-    "--attention-backend", help="sglang --attention-backend, e.g. multipole (default: sglang's dense one)."
+    "--attention-backend",
+    help="sglang --attention-backend, e.g. multipole (default: dense); hf: sdpa (default) or multipole.",
 )
 @click.option("--url", help="Attach to a running OpenAI-compatible server instead of launching one.")
 @click.option(
@@ -120,7 +126,7 @@ def tasks_path_cmd() -> None:
 @click.option(
     "--judge",
     default=None,
-    help="self | none | launch | URL (default: self for llamacpp, launch for sglang).",
+    help="self | none | launch | URL (default: launch for sglang, else self: hf asks its in-process model).",
 )
 @click.option("--judge-model", help="Judge model to launch, or the model name at the judge URL.")
 @click.option("--judge-attention-backend", help="Backend of a launched judge (default: dense).")
@@ -156,7 +162,7 @@ def run(
 
     if resume and not run_id:
         raise click.UsageError("--resume needs --run-id (the run folder to continue)")
-    engine = auto_engine() if engine == "auto" else engine
+    engine = auto_engine(attach=bool(options["url"])) if engine == "auto" else engine
     cfg = RunConfig(
         task=task,
         engine=engine,

@@ -66,6 +66,8 @@ def open_endpoint(
             yield client
         return
     if url is not None:
+        if not hasattr(engine, "HEALTH_PATH"):
+            raise ValueError(f"the {engine_name} engine runs in-process: it cannot attach to --url")
         with attached(url, engine.HEALTH_PATH, timeout_s=min(timeout_s, 30.0)) as server:
             yield ChatClient(server.base_url)
         return

@@ -69,3 +69,20 @@ def test_unknown_attention_backend_is_refused(tmp_path):
         check=False,
     )
     assert proc.returncode != 0 and "hf engine runs attention backends" in proc.stderr
+
+
+def test_in_process_engine_cannot_attach_to_a_url(tmp_path):
+    proc = mpeval(
+        "run",
+        "gsm-infinite",
+        "--engine",
+        "hf",
+        "--url",
+        "http://127.0.0.1:9",
+        "--data",
+        "sample",
+        "--results-dir",
+        str(tmp_path),
+        check=False,
+    )
+    assert proc.returncode == 1 and "cannot attach to --url" in proc.stderr

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import click
 import pytest
 
-from harness.cli import parse_gen_kwargs, parse_metadata
+from harness.cli import auto_engine, parse_gen_kwargs, parse_metadata
 from harness.client import openai_params
 from harness.results import RunDir
 
@@ -50,3 +51,20 @@ def test_sample_log_is_append_only_and_survives_a_torn_line(tmp_path):
     run.append_sample({"key": "c", "n": 3})
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
     assert [json.loads(line)["key"] for line in lines] == ["a", "b", "c"]
+
+
+def test_auto_engine_is_in_process_hf_unless_sglang_has_a_gpu(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert auto_engine() == "hf"  # no NVIDIA driver
+    assert auto_engine(attach=True) == "llamacpp"  # a --url needs a server engine
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n")
+    smi.chmod(0o755)
+    if importlib.util.find_spec("sglang") is None:
+        assert auto_engine() == "hf"  # a driver but no sglang
+    (tmp_path / "site" / "sglang").mkdir(parents=True)
+    (tmp_path / "site" / "sglang" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert auto_engine() == auto_engine(attach=True) == "sglang"
