@@ -1,6 +1,6 @@
 """The sglang attention backend "multipole": dense prefill, Multipole Attention decode.
 
-Every forward first runs a dense backend sglang already has (triton on a GPU, torch_native
+Every forward first runs a dense backend sglang already has (flashinfer or triton on a GPU, torch_native
 elsewhere): it writes the new keys and values into the paged pool and computes exact attention,
 which is right for prefill (compute-bound, not what the method speeds up) and for short contexts.
 Then every query that attends as a decode step — a DECODE row, or an EXTEND/MIXED row with a
@@ -15,11 +15,13 @@ Because the index is always made from what the pool holds, radix-cache prefix hi
 prefills need no special case: the index of a request is built at its first decode-like step
 over its whole cache, and updated blockwise (`update_index`) at every step after.
 
-Not yet: CUDA graphs (refused with a message), speculative decoding.
+Decode CUDA graphs are captured on the kernel path (host work in `init_forward_metadata_out_graph`,
+kernels over fixed buffers in the graph); prefill graphs and speculative decoding are refused.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from dataclasses import replace
@@ -32,7 +34,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.index import IndexTable
 from mp_sglang.kernel_path import KernelDecoder, MethodRow
-from mp_sglang.reference import decode_attention
+from mp_sglang.reference import decode_attention, decode_view
 from mp_sglang.rope import Rope
 
 if TYPE_CHECKING:
@@ -44,8 +46,12 @@ logger = logging.getLogger(__name__)
 
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NO_CUDA_GRAPHS = (
-    "the multipole attention backend does not support CUDA graphs yet; launch with --disable-cuda-graph "
-    "(sglang 0.5.23: --cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled)"
+    "multipole captures decode CUDA graphs only on the kernel path (MULTIPOLE_DECODE_PATH=kernels or "
+    "auto on CUDA); launch with --cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled"
+)
+_NO_PREFILL_GRAPHS = (
+    "multipole does not capture prefill CUDA graphs; launch with --cuda-graph-backend-prefill disabled "
+    "(decode graphs stay on)"
 )
 # Positions compared when checking that a rebuilt RoPE matches the model's cos/sin cache.
 _ROPE_CHECK_POSITIONS = 4096
@@ -60,7 +66,7 @@ class MultipoleAttnBackend(AttentionBackend):
         if reason:
             raise ValueError(f"--attention-backend multipole: {reason}")
         self.cfg = _config_from_env()
-        self.dense_name = "triton" if str(runner.device).startswith("cuda") else "torch_native"
+        self.dense_name = _dense_name(self.cfg.dense_backend, str(runner.device))
         self.dense: AttentionBackend = ATTENTION_BACKENDS[self.dense_name](runner)
         self.req_to_token_pool = runner.req_to_token_pool
         self.kv_pool = runner.token_to_kv_pool
@@ -74,23 +80,51 @@ class MultipoleAttnBackend(AttentionBackend):
         self._rows: list[MethodRow] = []
         self._all_rows_method = False
         self.kernels: KernelDecoder | None = None
+        index_note = ""
         if _use_kernels(self.cfg.decode_path, runner.device):
+            start = getattr(self.kv_pool, "start_layer", 0) or 0
             self.kernels = KernelDecoder(
-                self.cfg, self.req_to_token_pool, self.kv_pool, self.table, self.rope
+                self.cfg,
+                self.req_to_token_pool.req_to_token,
+                self.kv_pool,
+                range(start, start + self.kv_pool.layer_num),
+                pool_tokens=self.kv_pool.size,
+                context_len=self.req_to_token_pool.req_to_token.shape[1],
+                table=self.table,
+                rope=self.rope,
+            )
+            cap = self.kernels.capacity
+            index_note = (
+                f", preallocated index {self.kernels.index_bytes / 2**30:.2f} GiB "
+                f"({cap.cluster_rows} clusters / {cap.member_rows} tokens per layer, "
+                f"<= {cap.max_clusters} clusters per request)"
             )
         logger.info(
-            "multipole: dense path %s, decode through %s, index table of %d request rows, settings %s",
+            "multipole: dense path %s, decode through %s, index table of %d request rows%s, settings %s",
             self.dense_name,
             "mp_kernels" if self.kernels else "the torch reference",
             self.table.num_rows,
+            index_note,
             self.cfg.to_dict(),
         )
 
     # ------------------------------------------------------------------ metadata
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
-        """Prepare the dense backend, retire stale indexes and pick the rows the method answers."""
-        self.dense.init_forward_metadata(forward_batch)
+        """Eager passes: prepare the dense backend (unless the kernels answer every row of a DECODE
+        batch), then the method's rows (`_plan_rows`)."""
+        if not (self.kernels and forward_batch.forward_mode.is_decode()):
+            self.dense.init_forward_metadata(forward_batch)
+        self._plan_rows(forward_batch)
+
+    def _plan_rows(self, forward_batch: ForwardBatch) -> None:
+        """Retire stale indexes and pick the rows the method answers.
+
+        Reference path: DECODE rows and one-token EXTEND/MIXED rows whose context reaches
+        `dense_below`. Kernel path: the same, plus every other DECODE row as a fully exact row
+        (no index), so a DECODE batch never needs the dense kernel. Rows of length <= 1 are CUDA
+        graph padding: exact, no index, and their (dummy) request row is left alone.
+        """
         pool = self.req_to_token_pool
         self.table.sync(pool.req_generation, pool.free_slots)
         mode = forward_batch.forward_mode
@@ -98,7 +132,7 @@ class MultipoleAttnBackend(AttentionBackend):
         self._all_rows_method = False
         if mode.is_idle():
             if self.kernels:
-                self.kernels.plan([], forward_batch.seq_lens.device)
+                self.kernels.plan([], 0)
             return
         reqs = forward_batch.req_pool_indices.tolist()
         seq_lens = _cpu_list(forward_batch.seq_lens_cpu, forward_batch.seq_lens)
@@ -111,20 +145,40 @@ class MultipoleAttnBackend(AttentionBackend):
             self.table.drop(
                 req for req, n in zip(reqs, new_tokens, strict=True) if n > 1 or not mode.is_mixed()
             )
+        exact_rows = self.kernels is not None and mode.is_decode()
         end = 0
         for req, seq_len, n in zip(reqs, seq_lens, new_tokens, strict=True):
             end += n
-            if n == 1 and seq_len >= self.cfg.dense_below:
-                self._rows.append(MethodRow(end - 1, req, seq_len, int(pool.req_generation[req])))
+            long_enough = seq_len >= self.cfg.dense_below and seq_len > 1
+            if n == 1 and (long_enough or exact_rows):
+                generation = int(pool.req_generation[req]) if long_enough else -1
+                self._rows.append(MethodRow(end - 1, req, seq_len, generation, indexed=long_enough))
         self._all_rows_method = mode.is_decode() and len(self._rows) == len(reqs)
         if self.kernels:
-            self.kernels.plan(self._rows, forward_batch.seq_lens.device)
+            self.kernels.plan(self._rows, end)
+
+    # ------------------------------------------------------------------ CUDA graphs (decode)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        raise NotImplementedError(_NO_CUDA_GRAPHS)
+        """Decode graphs run only the kernel path over its fixed buffers: nothing more to allocate."""
+        if self.kernels is None:
+            raise NotImplementedError(_NO_CUDA_GRAPHS)
+        if max_bs > self.kernels.capacity.rows:
+            raise ValueError(
+                f"multipole: CUDA graphs up to batch {max_bs}; the index holds {self.kernels.capacity.rows}"
+            )
+
+    def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture: bool = False) -> None:
+        """Before capturing or replaying a decode graph: index upkeep and metadata, on the host."""
+        if not forward_batch.forward_mode.is_decode():
+            raise NotImplementedError(_NO_PREFILL_GRAPHS)
+        self._plan_rows(forward_batch)
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return 1
 
     def init_forward_metadata_for_breakable_cuda_graph_capture(self, forward_batch: ForwardBatch) -> None:
-        raise NotImplementedError(_NO_CUDA_GRAPHS)
+        raise NotImplementedError(_NO_PREFILL_GRAPHS)
 
     def support_triton(self) -> bool:
         return self.dense.support_triton()
@@ -189,17 +243,21 @@ class MultipoleAttnBackend(AttentionBackend):
             slots = self.req_to_token_pool.req_to_token[row.req, : row.seq_len].long()
             keys = key_buffer[slots].transpose(0, 1)
             values = value_buffer[slots].transpose(0, 1)
+            # The same index rule as the kernel path: over the tokens before this step's own,
+            # folded only when due; the rest is the exact recent window (`decode_view`).
             index = self.table.ensure(
                 row.req,
                 row.generation,
                 layer.layer_id,
-                row.seq_len,
+                row.seq_len - 1,
                 _slices_of(keys, values),
                 self.cfg,
                 self.rope,
+                fold_only=True,
             )
             query = queries[row.query].float() * q_scale
-            outputs[row.query] = decode_attention(query, keys, values, index, self.cfg).to(outputs)
+            view = decode_view(index, row.seq_len)
+            outputs[row.query] = decode_attention(query, keys, values, view, self.cfg).to(outputs)
         return out
 
 
@@ -213,6 +271,19 @@ def _config_from_env() -> MultipoleConfig:
         raise ValueError(
             f"--attention-backend multipole: invalid MULTIPOLE_* settings: {err} (see docs/usage.md)"
         ) from err
+
+
+def _dense_name(setting: str, device: str) -> str:
+    """The dense backend to build: the setting, or for "auto" the fastest one that is present."""
+    if setting != "auto":
+        if setting not in ATTENTION_BACKENDS or setting == "multipole":
+            raise ValueError(
+                f"--attention-backend multipole: MULTIPOLE_DENSE_BACKEND={setting!r} is not a dense backend"
+            )
+        return setting
+    if not device.startswith("cuda"):
+        return "torch_native"
+    return "flashinfer" if importlib.util.find_spec("flashinfer") is not None else "triton"
 
 
 def _slices_of(keys: torch.Tensor, values: torch.Tensor):

@@ -45,6 +45,12 @@ class MultipoleConfig:
     decode_path: how a serving backend computes decode steps: "kernels" (mp_kernels, batched;
         Triton on CUDA, their torch references elsewhere), "reference" (mp_sglang.reference, one
         request at a time), or "auto" (kernels on CUDA, reference elsewhere).
+    dense_backend: the sglang backend that computes prefill (and short or mixed rows): a name in
+        sglang's attention registry, or "auto" (flashinfer on CUDA when installed, else triton;
+        torch_native without CUDA).
+    index_capacity: clustered tokens the kernel path's preallocated index holds per layer, as a
+        multiple of the KV pool's slots. 1.0 covers any batch of distinct requests; requests that
+        share long prefixes through the radix cache each cluster them, and need more.
     """
 
     token_budget: float = 0.02
@@ -63,6 +69,8 @@ class MultipoleConfig:
     dense_below: int = 4096
     seed: int = 0
     decode_path: str = "auto"
+    dense_backend: str = "auto"
+    index_capacity: float = 1.0
 
     def __post_init__(self) -> None:
         budget = self.token_budget
@@ -91,6 +99,9 @@ class MultipoleConfig:
             raise ValueError(f"windowed_rope must be true or false; got {self.windowed_rope!r}")
         if self.decode_path not in DECODE_PATHS:
             raise ValueError(f"decode_path must be one of {DECODE_PATHS}; got {self.decode_path!r}")
+        capacity = self.index_capacity
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 64:
+            raise ValueError(f"index_capacity must be a number in (0, 64]; got {capacity!r}")
         multiplier = self.level_budget_multiplier
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier < 1:
             raise ValueError(f"level_budget_multiplier must be a number >= 1; got {multiplier!r}")

@@ -469,6 +469,19 @@ def approximate_attention(
     return _softmax_combine(logits, values.float(), num_q_heads)
 
 
+def decode_view(index: ClusterIndex, seq_len: int) -> ClusterIndex:
+    """The index as a decode query over `seq_len` cached tokens sees it.
+
+    An index may lag the cache by tokens not yet folded (a server folds only every
+    `update_block` tokens): those tokens belong to the exact recent window, so the index still
+    describes the whole cache. For decoding only; `update_index` needs the index itself.
+    """
+    if seq_len < index.num_tokens:
+        raise ValueError(f"the index covers {index.num_tokens} tokens, more than the {seq_len} cached")
+    grown = seq_len - index.num_tokens
+    return replace(index, num_tokens=seq_len, next_position=index.next_position + grown)
+
+
 def decode_attention(
     q: torch.Tensor,
     keys: torch.Tensor,

@@ -248,7 +248,7 @@ def _backend(spec: str) -> tuple[str, list[str]]:
 
 def _dump(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    path.write_text(json.dumps(result, indent=1, default=str))
 
 
 def _parse() -> argparse.Namespace:

@@ -62,6 +62,7 @@ def build_config(args: argparse.Namespace, tokenizer):
         raise ValueError("hidden must divide by heads, and heads by kv-heads")
     vocab = -(-len(tokenizer) // 64) * 64  # padded like real checkpoints; extra rows are never produced
     return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
         vocab_size=vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate or 4 * args.hidden,

@@ -21,8 +21,9 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMo
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
 from mp_sglang.config import MultipoleConfig
+from mp_sglang.index import fold_due
 from mp_sglang.plugin import create_backend
-from mp_sglang.reference import build_index, decode_attention, update_index
+from mp_sglang.reference import build_index, decode_attention, decode_view, update_index
 
 HEADS_Q, HEADS_KV, DIM, LAYERS = 4, 2, 16, 2
 
@@ -128,10 +129,19 @@ class Rig:
     def finish(self, request: Request) -> None:
         _free_row(self.req_pool, request.row)
 
-    def forward(self, steps: list[tuple[Request, int]], mode: ForwardMode) -> Pass:
-        """One forward pass in which each request of `steps` adds that many tokens."""
-        batch = self._forward_batch(steps, mode)
-        self.backend.init_forward_metadata(batch)
+    def forward(
+        self, steps: list[tuple[Request, int]], mode: ForwardMode, graph_pad: int | None = None
+    ) -> Pass:
+        """One forward pass in which each request of `steps` adds that many tokens.
+
+        graph_pad: run it as a CUDA-graph replay of a DECODE batch does: `graph_pad` padding rows
+        (request row 0, length 1, KV slot 0) appended, metadata through the out-of-graph hook.
+        """
+        batch = self._forward_batch(steps, mode, graph_pad or 0)
+        if graph_pad is None:
+            self.backend.init_forward_metadata(batch)
+        else:
+            self.backend.init_forward_metadata_out_graph(batch)
         tokens = batch.out_cache_loc.shape[0]
         queries, outputs = [], []
         for layer in self.layers:
@@ -152,7 +162,9 @@ class Rig:
         ends = torch.tensor([count for _, count in steps]).cumsum(0) - 1
         return Pass(queries, outputs, ends.tolist())
 
-    def _forward_batch(self, steps: list[tuple[Request, int]], mode: ForwardMode) -> ForwardBatch:
+    def _forward_batch(
+        self, steps: list[tuple[Request, int]], mode: ForwardMode, pad: int = 0
+    ) -> ForwardBatch:
         prefix = [request.length for request, _ in steps]
         counts = [count for _, count in steps]
         seq_lens = [p + c for p, c in zip(prefix, counts, strict=True)]
@@ -161,6 +173,10 @@ class Rig:
             slots = torch.tensor([self._free_kv.pop() for _ in range(count)], dtype=torch.int32)
             self.req_pool.req_to_token[request.row, start : start + count] = slots
             locs.append(slots)
+        rows = [request.row for request, _ in steps] + [0] * pad
+        seq_lens += [1] * pad
+        prefix += [0] * pad
+        locs.append(torch.zeros(pad, dtype=torch.int32))
         dev = self.device
         extend = {}
         if mode != ForwardMode.DECODE:
@@ -174,9 +190,9 @@ class Rig:
             }
         return ForwardBatch(
             forward_mode=mode,
-            batch_size=len(steps),
-            input_ids=torch.zeros(sum(counts), dtype=torch.int64, device=dev),
-            req_pool_indices=torch.tensor([request.row for request, _ in steps], device=dev),
+            batch_size=len(rows),
+            input_ids=torch.zeros(sum(counts) + pad, dtype=torch.int64, device=dev),
+            req_pool_indices=torch.tensor(rows, device=dev),
             seq_lens=torch.tensor(seq_lens, device=dev),
             seq_lens_cpu=torch.tensor(seq_lens),
             out_cache_loc=torch.cat(locs).long().to(dev),
@@ -187,8 +203,9 @@ class Rig:
 
 
 class Replay:
-    """The index a request should have, per layer, by the rule the backend follows: built over the
-    whole cache at the first decode-like step after a prefill, then updated token by token."""
+    """The index a request should have, per layer, by the rule the backend follows: built at the
+    first decode-like step after a prefill over the tokens before that step's own, then folded
+    whenever its recent window is due; every token past the index is attended exactly."""
 
     def __init__(self, cfg: MultipoleConfig, rope=None) -> None:
         self.cfg, self.rope, self.indexes = cfg, rope, {}
@@ -199,14 +216,15 @@ class Replay:
 
     def decode(self, request, query: torch.Tensor, layer: int) -> torch.Tensor:
         keys, values = request.keys[layer], request.values[layer]
+        before = keys.shape[1] - 1
         index = self.indexes.get((request.row, layer))
         if index is None:
-            index = build_index(keys, values, self.cfg, rope=self.rope)
-        else:
+            index = build_index(keys[:, :before], values[:, :before], self.cfg, rope=self.rope)
+        elif fold_due(index, before, self.cfg):
             start = index.num_tokens
-            index = update_index(index, keys[:, start:], values[:, start:], self.cfg)
+            index = update_index(index, keys[:, start:before], values[:, start:before], self.cfg)
         self.indexes[(request.row, layer)] = index
-        return decode_attention(query, keys, values, index, self.cfg)
+        return decode_attention(query, keys, values, decode_view(index, keys.shape[1]), self.cfg)
 
 
 def model_with_rope(monkeypatch: pytest.MonkeyPatch, **scaling: object) -> torch.nn.Module:

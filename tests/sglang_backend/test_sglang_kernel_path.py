@@ -13,6 +13,7 @@ from _sglang_rig import LAYERS, Replay, Rig, set_config
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from mp_sglang.config import MultipoleConfig
+from mp_sglang.reference import dense_attention
 
 TOL = 1e-4
 
@@ -49,3 +50,35 @@ def test_triton_kernels_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("needs a GPU")
     set_config(monkeypatch, token_budget=0.1, decode_path="kernels")
     _decode_follows_reference(Rig(device="cuda", context=4096, kv_slots=8192), (700, 1500, 2300), steps=20)
+
+
+def test_decode_graph_replay_metadata_with_padding_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA-graph replay does, minus the graph: padding rows (request row 0, length 1)
+    appended, metadata through the out-of-graph hook, a request below dense_below attended
+    exactly by the kernels, the others by the method; the static buffers keep their addresses."""
+    set_config(monkeypatch, token_budget=0.1, dense_below=100, decode_path="kernels")
+    rig = Rig(rows=6)
+    rig.backend.init_cuda_graph_state(max_bs=6, max_num_tokens=6)
+    buffers = rig.backend.kernels.buffers[0]
+    addresses = (
+        buffers.centroids.data_ptr(),
+        buffers.members.data_ptr(),
+        rig.backend.kernels.ints.data_ptr(),
+    )
+    replay = Replay(MultipoleConfig.from_env())
+    short, long_a, long_b = (rig.new_request() for _ in range(3))
+    rig.forward([(short, 60), (long_a, 180), (long_b, 333)], ForwardMode.EXTEND)
+    for step in range(20):
+        out = rig.forward([(short, 1), (long_a, 1), (long_b, 1)], ForwardMode.DECODE, graph_pad=step % 3)
+        for layer in range(LAYERS):
+            q = out.queries[layer]
+            dense = dense_attention(q[0], short.keys[layer], short.values[layer])
+            assert torch.allclose(out.outputs[layer][0], dense, atol=TOL)
+            for i, r in ((1, long_a), (2, long_b)):
+                assert torch.allclose(out.outputs[layer][i], replay.decode(r, q[i], layer), atol=TOL)
+    assert (
+        buffers.centroids.data_ptr(),
+        buffers.members.data_ptr(),
+        rig.backend.kernels.ints.data_ptr(),
+    ) == addresses
+    assert len(rig.backend.table) == 2  # padding rows (request row 0 is `short`) built nothing

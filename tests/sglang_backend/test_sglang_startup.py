@@ -56,9 +56,14 @@ def test_cross_attention_layer_is_refused_at_its_first_forward(monkeypatch: pyte
 
 
 def test_cuda_graphs_are_refused_with_the_flag_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    set_config(monkeypatch)
+    set_config(monkeypatch, decode_path="reference")
     backend = Rig().backend
-    with pytest.raises(NotImplementedError, match="--disable-cuda-graph"):
+    with pytest.raises(NotImplementedError, match="--cuda-graph-backend-decode disabled"):
+        backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+    set_config(monkeypatch, decode_path="kernels")
+    backend = Rig(rows=4).backend
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)  # decode graphs: accepted
+    with pytest.raises(ValueError, match="batch 8"):
         backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
     with pytest.raises(NotImplementedError, match="--cuda-graph-backend-prefill disabled"):
         backend.init_forward_metadata_for_breakable_cuda_graph_capture(None)

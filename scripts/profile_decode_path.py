@@ -1,0 +1,152 @@
+"""Host-side cost of the sglang backend's kernel decode path, eager, as a server runs it without
+CUDA graphs: wall time per decode step over all layers, and the ops that take the host's time.
+
+    python scripts/profile_decode_path.py --context 8192 --batch 8 --layers 16 --out $OUT/profile.json
+
+Needs torch and Triton on a GPU, not sglang: the backend's `KernelDecoder` runs over a pool laid out
+as sglang's (`[slots, H_kv, d]` K/V per layer, `req_to_token`), filled with random keys. The first
+step builds every request's index (timed apart); the next steps are timed with a synchronize
+after each, then a few more run under torch.profiler, whose table (host time per op) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mp_sglang.config import MultipoleConfig
+from mp_sglang.index import IndexTable
+from mp_sglang.kernel_path import KernelDecoder, MethodRow
+from mp_sglang.rope import Rope
+
+
+def main() -> None:
+    args = _parse()
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    length = args.context + args.steps + 8
+    slots = args.batch * length
+    keys = [
+        torch.randn(slots, args.heads_kv, args.dim, device=dev, dtype=torch.bfloat16)
+        for _ in range(args.layers)
+    ]
+    values = [torch.randn_like(k) for k in keys]
+    req_to_token = torch.arange(slots, device=dev, dtype=torch.int32).view(args.batch, length)
+    kv_pool = SimpleNamespace(get_key_buffer=keys.__getitem__, get_value_buffer=values.__getitem__)
+    cfg = MultipoleConfig(token_budget=args.budget)
+    decoder = KernelDecoder(
+        cfg,
+        req_to_token,
+        kv_pool,
+        range(args.layers),
+        pool_tokens=slots,
+        context_len=length,
+        table=IndexTable(args.batch),
+        rope=Rope.standard(args.dim, 500000.0),
+    )
+    layers = [
+        SimpleNamespace(
+            layer_id=i,
+            qk_head_dim=args.dim,
+            v_head_dim=args.dim,
+            tp_q_head_num=args.heads_q,
+            scaling=args.dim**-0.5,
+        )
+        for i in range(args.layers)
+    ]
+    q = torch.randn(args.batch, args.heads_q * args.dim, device=dev, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+
+    def plan(seq: int) -> None:
+        decoder.plan([MethodRow(b, b, seq, 0) for b in range(args.batch)], args.batch)
+
+    def layers_forward() -> None:
+        for layer in layers:
+            decoder.attend(q, out, layer)
+
+    def step(seq: int) -> None:
+        plan(seq)
+        layers_forward()
+
+    def timed(seq: int) -> float:
+        sync()
+        start = time.perf_counter()
+        step(seq)
+        sync()
+        return time.perf_counter() - start
+
+    build_s = timed(args.context)
+    times = [timed(args.context + i) for i in range(1, args.steps + 1)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(args.steps + 1, args.steps + 4):
+            step(args.context + i)
+        sync()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
+    graph_ms = (
+        _graph_replay_ms(plan, layers_forward, args.context + args.steps + 4) if dev.type == "cuda" else None
+    )
+    result = {
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "args": vars(args) | {"out": str(args.out)},
+        "first_step_with_index_build_s": build_s,
+        "step_ms_median": 1000 * statistics.median(times),
+        "step_ms_all": [round(1000 * t, 3) for t in times],
+        "per_layer_ms_median": 1000 * statistics.median(times) / args.layers,
+        "graph_replay_ms_per_step": graph_ms,
+    }
+    print(table)
+    print(json.dumps({k: v for k, v in result.items() if k != "step_ms_all"}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result | {"profile": table}, indent=1))
+
+
+def _graph_replay_ms(plan, layers_forward, seq: int) -> float:
+    """All layers' attention captured in one CUDA graph (as sglang's decode graphs hold it), timed
+    by replaying it after the host-side plan: GPU time per step without launch overhead."""
+    plan(seq)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layers_forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layers_forward()
+    times = []
+    for _ in range(20):
+        plan(seq)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--heads-q", type=int, default=32)
+    ap.add_argument("--heads-kv", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--budget", type=float, default=0.02)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=30, help="profiler table rows")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (torch references)")
+    ap.add_argument("--out", type=Path, default=Path("profile_decode_path.json"))
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    main()
