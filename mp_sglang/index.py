@@ -98,6 +98,13 @@ class IndexTable:
         entry.layers[layer_id] = index
         return index
 
+    def get(self, row: int, generation: int, layer_id: int) -> ClusterIndex | None:
+        """The index `ensure` made for this row's request and layer, if it still holds one."""
+        entry = self._entries.get(row)
+        if entry is None or entry.generation != generation:
+            return None
+        return entry.layers.get(layer_id)
+
     def __len__(self) -> int:
         """Rows currently holding an index."""
         return len(self._entries)

@@ -26,7 +26,7 @@ import torch
 from mp_kernels.decode import multipole_decode
 from mp_kernels.layout import PagedKV
 from mp_sglang.config import MultipoleConfig
-from mp_sglang.index import IndexTable, KVReader
+from mp_sglang.index import IndexTable, KVReader, fold_due
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
 from mp_sglang.reference import ClusterIndex
 from mp_sglang.rope import Rope
@@ -80,7 +80,12 @@ class KernelDecoder:
         rows = req_to_token.shape[0]
         self.capacity = IndexCapacity(
             rows=rows,
-            cluster_rows=math.ceil(cfg.index_capacity * pool_tokens / cfg.tokens_per_cluster) + 64 * rows,
+            # clusters_for() rounds up by at most one cluster per k-means block (>= kmeans_block / 2
+            # tokens each, but a request's single first block may be shorter).
+            cluster_rows=math.ceil(
+                cfg.index_capacity * pool_tokens * (1 / cfg.tokens_per_cluster + 2 / cfg.kmeans_block)
+            )
+            + 2 * rows,
             member_rows=math.ceil(cfg.index_capacity * pool_tokens) + 1,
             max_clusters=context_len // cfg.tokens_per_cluster
             + math.ceil(context_len / cfg.kmeans_block)
@@ -102,6 +107,7 @@ class KernelDecoder:
         self.rotation = torch.zeros(2, rows, dim // 2, dtype=torch.float32, device=self.device)
         self.batch = 0
         self.all_queries = False
+        self._held: tuple[tuple[int, int, bool], ...] = ()
 
     # ------------------------------------------------------------------ host side (outside graphs)
 
@@ -111,9 +117,14 @@ class KernelDecoder:
         if not rows:
             return
         self.all_queries = [row.query for row in rows] == list(range(num_queries))
-        for lid in self.layer_ids:
-            indexes = [self._ensure(row, lid) if row.indexed else None for row in rows]
-            self.buffers[lid].fill(indexes, self.cfg.sink_tokens)
+        held = tuple((row.req, row.generation, row.indexed) for row in rows)
+        # Between folds, with the same requests in the same rows, every layer's buffers are current:
+        # skip the per-layer, per-request upkeep (the host time a CUDA-graph replay waits for).
+        if held != self._held or any(row.indexed and self._upkeep_due(row) for row in rows):
+            for lid in self.layer_ids:
+                indexes = [self._ensure(row, lid) if row.indexed else None for row in rows]
+                self.buffers[lid].fill(indexes, self.cfg.sink_tokens)
+            self._held = held
         cfg = self.cfg
         ints = torch.tensor(
             [
@@ -130,6 +141,12 @@ class KernelDecoder:
             angles = torch.tensor([cfg.rope_window - (row.seq_len - 1) for row in rows], dtype=torch.float64)
             cos, sin = self.rope.cos_sin(angles, "cpu", torch.float32)
             self.rotation[:, : self.batch].copy_(torch.stack([cos, sin]))
+
+    def _upkeep_due(self, row: MethodRow) -> bool:
+        """Whether the row's index must be built, rebuilt or folded (the same for every layer)."""
+        index = self.table.get(row.req, row.generation, self.layer_ids[0])
+        before = row.seq_len - 1
+        return index is None or index.num_tokens > before or fold_due(index, before, self.cfg)
 
     def _ensure(self, row: MethodRow, layer_id: int) -> ClusterIndex:
         """The row's index over the tokens already in the pool (all but the step's own)."""

@@ -18,7 +18,9 @@ last and writes all numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import shlex
 import statistics
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,8 +72,8 @@ def main() -> int:
         "rows": [],
         "agreement": {},
     }
-    outputs: dict[str, list[int]] = {}
-    for name, extra in backends:
+    outputs: dict[str, list[tuple[int, float]]] = {}
+    for number, (label, name, extra, env) in enumerate(backends):
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         command = [
@@ -79,23 +82,23 @@ def main() -> int:
             "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(args.context_length),
             *(["--load-format", args.load_format] if args.load_format else []), *extra,
         ]  # fmt: skip
-        log = args.log_dir / f"server-{name}.log"
+        log = args.log_dir / f"server-{number}-{name}.log"
         started = time.monotonic()
-        with launched(command, base, "/health", log, timeout_s=args.startup_timeout):
-            print(f"[{name}] up in {time.monotonic() - started:.0f}s", flush=True)
+        with _environment(env), launched(command, base, "/health", log, timeout_s=args.startup_timeout):
+            print(f"[{label}] up in {time.monotonic() - started:.0f}s", flush=True)
             _generate(base, [[1] * 64], 8)  # warm-up: compile/capture paths outside the timings
             for context, batch in shapes:
                 streams = _generate(base, prompts[(context, batch)], args.new_tokens)
-                row = _row(name, context, batch, args.new_tokens, args.warmup_tokens, streams)
+                row = _row(label, context, batch, args.new_tokens, args.warmup_tokens, streams)
                 result["rows"].append(asdict(row))
-                print(f"[{name}] {row}", flush=True)
+                print(f"[{label}] {row}", flush=True)
                 _dump(args.out, result)
             if agreement_prompt is not None:
-                outputs[name] = _greedy(base, agreement_prompt, args.agreement_tokens)
+                outputs[label] = _greedy(base, agreement_prompt, args.agreement_tokens)
     if outputs:
         result["agreement"] = _agreement(outputs)
     _dump(args.out, result)
-    print(_table(result, [name for name, _ in backends]))
+    print(_table(result, [label for label, *_ in backends]))
     return 0
 
 
@@ -141,19 +144,24 @@ def _stream_one(base: str, ids: list[int], new_tokens: int, stream: Stream) -> N
         stream.error = f"{type(err).__name__}: {err}"
 
 
-def _greedy(base: str, prompt: str, new_tokens: int) -> list[int]:
-    """Greedy continuation of a chat prompt, as token ids."""
+def _greedy(base: str, prompt: str, new_tokens: int) -> list[tuple[int, float]]:
+    """Greedy continuation of a prompt: per token, its id and its log-probability margin over the
+    runner-up (a small margin is a near tie that any numerical difference may flip)."""
     body = {
         "text": prompt,
         "sampling_params": {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True},
         "return_logprob": True,
+        "top_logprobs_num": 2,
     }
     request = urllib.request.Request(
         base + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=1800) as resp:
         reply = json.loads(resp.read())
-    return [int(entry[1]) for entry in reply["meta_info"]["output_token_logprobs"]]
+    meta = reply["meta_info"]
+    tokens = [int(entry[1]) for entry in meta["output_token_logprobs"]]
+    margins = [float(top[0][0]) - float(top[1][0]) for top in meta["output_top_logprobs"]]
+    return list(zip(tokens, margins, strict=True))
 
 
 # ---------------------------------------------------------------------- numbers
@@ -188,16 +196,25 @@ def _time_of(stream: Stream, tokens: int) -> float:
     return next(t for t, n in stream.arrivals if n >= tokens)
 
 
-def _agreement(outputs: dict[str, list[int]]) -> dict:
-    """Each backend's greedy output against the first backend's, position by position."""
+def _agreement(outputs: dict[str, list[tuple[int, float]]]) -> dict:
+    """Each backend's free-running greedy output against the first backend's.
+
+    Once two greedy runs part, their contexts differ, so positions after the first divergence say
+    little; what is reported is where they part and the reference's top-1 margin there (a near tie,
+    or a real disagreement), plus the plain position-by-position match for completeness.
+    """
     names = list(outputs)
     base = outputs[names[0]]
-    report = {"reference": names[0], "tokens": len(base)}
+    report: dict = {"reference": names[0], "tokens": len(base)}
     for name in names[1:]:
         other = outputs[name]
-        same = [a == b for a, b in zip(base, other, strict=False)]
+        same = [a[0] == b[0] for a, b in zip(base, other, strict=False)]
         first = next((i for i, ok in enumerate(same) if not ok), None)
-        report[name] = {"agreement": sum(same) / max(1, len(base)), "first_divergence": first}
+        report[name] = {
+            "first_divergence": first,
+            "reference_margin_there": None if first is None else round(base[first][1], 4),
+            "position_match": round(sum(same) / max(1, len(base)), 4),
+        }
     return report
 
 
@@ -240,10 +257,28 @@ def _random_ids(rng: random.Random, length: int, vocab: int) -> list[int]:
     return [rng.randrange(10, vocab) for _ in range(length)]
 
 
-def _backend(spec: str) -> tuple[str, list[str]]:
-    """ "NAME [extra server flags]" -> (NAME, flags)."""
+def _backend(spec: str) -> tuple[str, str, list[str], dict[str, str]]:
+    """ "[VAR=VALUE ...] NAME [server flags]" -> (label, NAME, flags, environment of that server)."""
     words = shlex.split(spec)
-    return words[0], words[1:]
+    is_env = [("=" in word and not word.startswith("-")) for word in words]
+    env = dict(word.split("=", 1) for word, flag in zip(words, is_env, strict=True) if flag)
+    rest = [word for word, flag in zip(words, is_env, strict=True) if not flag]
+    return spec, rest[0], rest[1:], env
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set variables for the server launched inside (it inherits the environment), then restore."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _dump(path: Path, result: dict) -> None:
