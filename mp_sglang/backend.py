@@ -79,6 +79,7 @@ class MultipoleAttnBackend(AttentionBackend):
         self.table = IndexTable(self.req_to_token_pool.req_to_token.shape[0])
         self._rows: list[MethodRow] = []
         self._all_rows_method = False
+        self._last_decode: tuple[tuple[int, int], list[int], list[int]] | None = None
         self.kernels: KernelDecoder | None = None
         index_note = ""
         if _use_kernels(self.cfg.decode_path, runner.device):
@@ -134,8 +135,11 @@ class MultipoleAttnBackend(AttentionBackend):
             if self.kernels:
                 self.kernels.plan([], 0)
             return
-        reqs = forward_batch.req_pool_indices.tolist()
         seq_lens = _cpu_list(forward_batch.seq_lens_cpu, forward_batch.seq_lens)
+        reqs = self._decode_rows_unchanged(seq_lens) if mode.is_decode() else None
+        if reqs is None:
+            reqs = forward_batch.req_pool_indices.tolist()  # a device sync
+        self._last_decode = (self._pool_fingerprint(), reqs, seq_lens) if mode.is_decode() else None
         if mode.is_decode():
             new_tokens = [1] * len(reqs)
         else:
@@ -156,6 +160,27 @@ class MultipoleAttnBackend(AttentionBackend):
         self._all_rows_method = mode.is_decode() and len(self._rows) == len(reqs)
         if self.kernels:
             self.kernels.plan(self._rows, end)
+
+    def _pool_fingerprint(self) -> tuple[int, int]:
+        """Changes whenever a request row is allocated (its generation is bumped) or freed."""
+        pool = self.req_to_token_pool
+        return int(pool.req_generation.sum()), len(pool.free_slots)
+
+    def _decode_rows_unchanged(self, seq_lens: list[int]) -> list[int] | None:
+        """The previous DECODE pass's request rows, when this pass must have the same ones.
+
+        Reading `req_pool_indices` waits for the GPU, which would stop sglang from preparing the
+        next step while this one runs. It is skipped when no request row was allocated or freed
+        since the previous DECODE pass and every length grew by exactly one (padding rows of a
+        CUDA graph stay at 1): sglang keeps a decode batch's order, so the rows are the same.
+        """
+        if self._last_decode is None:
+            return None
+        fingerprint, reqs, previous = self._last_decode
+        grown = [n + 1 if n > 1 else 1 for n in previous]
+        if fingerprint != self._pool_fingerprint() or seq_lens != grown:
+            return None
+        return reqs
 
     # ------------------------------------------------------------------ CUDA graphs (decode)
 

@@ -50,6 +50,42 @@ class MethodRow:
     indexed: bool = True
 
 
+class _Staging:
+    """Pinned host buffers for the per-pass metadata, two in turn.
+
+    A copy from pageable memory makes CUDA wait for the stream first, which would stop sglang
+    from preparing the next step while the GPU runs this one; a pinned buffer copies without
+    waiting. Each buffer is refilled only after its previous copy has run (an event).
+    """
+
+    def __init__(self, rows: int, half_dim: int, device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self.ints = [torch.zeros(5, rows, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self.rotation = [torch.zeros(2, rows, half_dim, pin_memory=pinned) for _ in range(2)]
+        self.events = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self.turn = 0
+
+    def upload(
+        self,
+        ints: list[list[int]],
+        rotation: torch.Tensor | None,
+        ints_dev: torch.Tensor,
+        rotation_dev: torch.Tensor,
+    ) -> None:
+        turn, self.turn = self.turn, 1 - self.turn
+        if self.events[turn] is not None:
+            self.events[turn].synchronize()
+        batch = len(ints[0])
+        host = self.ints[turn][:, :batch]
+        host.copy_(torch.tensor(ints, dtype=torch.int32))
+        ints_dev[:, :batch].copy_(host, non_blocking=True)
+        if rotation is not None:
+            self.rotation[turn][:, :batch].copy_(rotation)
+            rotation_dev[:, :batch].copy_(self.rotation[turn][:, :batch], non_blocking=True)
+        if self.events[turn] is not None:
+            self.events[turn].record()
+
+
 class KernelDecoder:
     """Multipole decode of a batch's method rows with the mp_kernels kernels."""
 
@@ -105,6 +141,7 @@ class KernelDecoder:
         # Per-pass metadata: query row, request row, length, sink length, budget; and cos/sin.
         self.ints = torch.zeros(5, rows, dtype=torch.int32, device=self.device)
         self.rotation = torch.zeros(2, rows, dim // 2, dtype=torch.float32, device=self.device)
+        self._staging = _Staging(rows, dim // 2, self.device)
         self.batch = 0
         self.all_queries = False
         self._held: tuple[tuple[int, int, bool], ...] = ()
@@ -126,21 +163,18 @@ class KernelDecoder:
                 self.buffers[lid].fill(indexes, self.cfg.sink_tokens)
             self._held = held
         cfg = self.cfg
-        ints = torch.tensor(
-            [
-                [row.query for row in rows],
-                [row.req for row in rows],
-                [row.seq_len for row in rows],
-                [min(cfg.sink_tokens, row.seq_len) for row in rows],
-                [cfg.budget_tokens(row.seq_len) if row.indexed else 0 for row in rows],
-            ],
-            dtype=torch.int32,
-        )
-        self.ints[:, : self.batch].copy_(ints)
+        ints = [
+            [row.query for row in rows],
+            [row.req for row in rows],
+            [row.seq_len for row in rows],
+            [min(cfg.sink_tokens, row.seq_len) for row in rows],
+            [cfg.budget_tokens(row.seq_len) if row.indexed else 0 for row in rows],
+        ]
+        rotation = None
         if self.rope is not None:
             angles = torch.tensor([cfg.rope_window - (row.seq_len - 1) for row in rows], dtype=torch.float64)
-            cos, sin = self.rope.cos_sin(angles, "cpu", torch.float32)
-            self.rotation[:, : self.batch].copy_(torch.stack([cos, sin]))
+            rotation = torch.stack(self.rope.cos_sin(angles, "cpu", torch.float32))
+        self._staging.upload(ints, rotation, self.ints, self.rotation)
 
     def _upkeep_due(self, row: MethodRow) -> bool:
         """Whether the row's index must be built, rebuilt or folded (the same for every layer)."""
