@@ -408,7 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     wheels.mkdir(parents=True)
 
     roots = [f"sglang=={args.sglang}", *UNDECLARED]
-    roots += project_requirements(REPO / "pyproject.toml", args.project_extra)
+    extras = project_requirements(REPO / "pyproject.toml", args.project_extra)
+    roots += extras
+    # What our own extras ask for by name (e.g. datasets for the harness) is not left out.
+    for requirement in extras:
+        name = canonicalize_name(Requirement(requirement).name)
+        if skip.get(name) != "--skip":
+            skip.pop(name, None)
     resolver = Resolver(target, host, skip, wheels)
     try:
         resolver.resolve(roots)
