@@ -26,6 +26,8 @@ from mp_sglang.config import MultipoleConfig
         ("level_budget_multiplier", 0.5),
         ("windowed_rope", "yes"),
         ("dense_below", -1),
+        ("decode_path", "triton"),
+        ("index_capacity", 0),
     ],
 )
 def test_rejects_bad_values_naming_the_field(field, value):

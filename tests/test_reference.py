@@ -12,6 +12,7 @@ from mp_sglang.config import MultipoleConfig
 from mp_sglang.reference import (
     build_index,
     decode_attention,
+    decode_view,
     dense_attention,
     lookup,
     masked_attention,
@@ -304,3 +305,27 @@ def test_positions_carry_from_build_to_updates(generator):
     q = torch.randn(q_heads, dim, generator=generator)
     out = decode_attention(q, keys, values, grown, cfg)
     assert out.shape == (q_heads, dim) and torch.isfinite(out).all()
+
+
+def test_decode_view_of_a_lagging_index_equals_the_updated_index(generator):
+    """Tokens past an index that has not folded them yet are in its exact recent window, so
+    decoding through `decode_view` equals decoding through the index updated token by token (as
+    long as no fold falls in between); an index longer than the cache is refused."""
+    cfg = MultipoleConfig(
+        token_budget=0.1,
+        tokens_per_cluster=4,
+        kmeans_block=64,
+        recent_window=16,
+        update_block=8,
+        sink_tokens=4,
+    )
+    keys, values = clustered_kv(2, 300, 16, 6, generator)
+    q = torch.randn(4, 16, generator=generator)
+    lagging = build_index(keys[:, :295], values[:, :295], cfg)
+    assert 300 - lagging.recent_start < cfg.recent_window + cfg.update_block  # no fold due at 300
+    updated = update_index(lagging, keys[:, 295:], values[:, 295:], cfg)
+    assert updated.recent_start == lagging.recent_start
+    via_view = decode_attention(q, keys, values, decode_view(lagging, 300), cfg)
+    assert torch.allclose(via_view, decode_attention(q, keys, values, updated, cfg), atol=1e-6)
+    with pytest.raises(ValueError, match="more than"):
+        decode_view(updated, 299)
