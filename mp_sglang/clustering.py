@@ -11,13 +11,44 @@ import torch
 
 
 def assign(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid (squared Euclidean) of every point: `[H, N, d] x [H, K, d] -> [H, N]`."""
+    """Nearest centroid (squared Euclidean) of every point: `[H, N, d] x [H, K, d] -> [H, N]`.
+
+    On CUDA the Triton assignment kernel computes it without writing the `[H, N, K]` distance
+    matrix (hundreds of MB for a final block of 12K keys), which dominated index upkeep in serving.
+    """
+    if points.is_cuda:
+        return assign_by_kernel(points, centroids)
     dist = (
         points.pow(2).sum(-1, keepdim=True)
         - 2 * points @ centroids.transpose(-1, -2)
         + centroids.pow(2).sum(-1).unsqueeze(-2)
     )
     return dist.argmin(dim=-1)
+
+
+def assign_by_kernel(
+    points: torch.Tensor, centroids: torch.Tensor, backend: str | None = None
+) -> torch.Tensor:
+    """`assign` through `mp_kernels.kmeans.assign` (one segment): the CUDA path, and on the CPU
+    under Triton's interpreter (backend="triton") for tests."""
+    from mp_kernels.kmeans import assign as segment_assign  # here: mp_kernels imports this module
+
+    heads, n, _ = points.shape
+    if n == 0:
+        return torch.empty(heads, 0, dtype=torch.long, device=points.device)
+    like = {"dtype": torch.int32, "device": points.device}
+    start = torch.zeros(1, **like)
+    labels = segment_assign(
+        points.transpose(0, 1),
+        centroids.transpose(0, 1),
+        start,
+        torch.full((1,), n, **like),
+        start,
+        torch.full((1,), centroids.shape[1], **like),
+        n,
+        backend=backend,
+    )
+    return labels.t().long()
 
 
 def cluster_sums(

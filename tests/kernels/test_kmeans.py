@@ -57,3 +57,16 @@ def test_lloyd_matches_clustering_lloyd():
     )
     assert torch.equal(got_l[:90].t().long(), ref_l)
     assert torch.allclose(got_c.transpose(0, 1), ref_c, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_assign_through_the_kernel_matches_torch(generator):
+    """clustering.assign takes the Triton kernel on CUDA; here it runs in the interpreter on
+    strided views, as the reference's blocks and windows are."""
+    from mp_sglang import clustering
+
+    window = torch.randn(3, 150, 16, generator=generator)
+    points = window[:, 7:140]  # a slice of a window: strided along the points
+    centroids = torch.randn(3, 40, 16, generator=generator)
+    got = clustering.assign_by_kernel(points, centroids, backend="triton")
+    assert got.dtype == torch.long and torch.equal(got, clustering.assign(points, centroids))
+    assert clustering.assign_by_kernel(points[:, :0], centroids, backend="triton").shape == (3, 0)
