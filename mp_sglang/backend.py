@@ -13,7 +13,8 @@ batch whose rows are all the method's skips the dense kernel and only writes its
 
 Because the index is always made from what the pool holds, radix-cache prefix hits and chunked
 prefills need no special case: the index of a request is built at its first decode-like step
-over its whole cache, and updated blockwise (`update_index`) at every step after.
+over the tokens before it, and folded blockwise (`update_index`) whenever its recent window is
+due (`IndexTable.ensure`); tokens past it are attended exactly.
 
 Decode CUDA graphs are captured on the kernel path (host work in `init_forward_metadata_out_graph`,
 kernels over fixed buffers in the graph); prefill graphs and speculative decoding are refused.
@@ -139,10 +140,11 @@ class MultipoleAttnBackend(AttentionBackend):
         reqs = self._decode_rows_unchanged(seq_lens) if mode.is_decode() else None
         if reqs is None:
             reqs = forward_batch.req_pool_indices.tolist()  # a device sync
-        self._last_decode = (self._pool_fingerprint(), reqs, seq_lens) if mode.is_decode() else None
         if mode.is_decode():
+            self._last_decode = (self._pool_fingerprint(), reqs, seq_lens)
             new_tokens = [1] * len(reqs)
         else:
+            self._last_decode = None
             new_tokens = _cpu_list(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)
             # A prefilled row holds new contents: its index is rebuilt from the pool when it next
             # decodes. (In a MIXED batch a one-token row is a running decode and keeps its index.)
@@ -268,17 +270,9 @@ class MultipoleAttnBackend(AttentionBackend):
             slots = self.req_to_token_pool.req_to_token[row.req, : row.seq_len].long()
             keys = key_buffer[slots].transpose(0, 1)
             values = value_buffer[slots].transpose(0, 1)
-            # The same index rule as the kernel path: over the tokens before this step's own,
-            # folded only when due; the rest is the exact recent window (`decode_view`).
+            reader = _slices_of(keys, values)
             index = self.table.ensure(
-                row.req,
-                row.generation,
-                layer.layer_id,
-                row.seq_len - 1,
-                _slices_of(keys, values),
-                self.cfg,
-                self.rope,
-                fold_only=True,
+                row.req, row.generation, layer.layer_id, row.seq_len, reader, self.cfg, self.rope
             )
             query = queries[row.query].float() * q_scale
             view = decode_view(index, row.seq_len)

@@ -70,20 +70,16 @@ class IndexTable:
         read: KVReader,
         cfg: MultipoleConfig,
         rope: Rope | None,
-        fold_only: bool = False,
     ) -> ClusterIndex:
-        """The index of `row`'s layer over the request's first `seq_len` cached tokens.
+        """The index of `row`'s layer for a decode step over `seq_len` cached tokens.
 
-        `read(start, end)` returns the request's keys/values `[H_kv, end - start, d]` from the pool
-        (post-RoPE). An index covering a prefix of the cache is brought up to date blockwise
-        (`update_index`); a missing one, or one that covers more tokens than the cache now holds,
-        is built afresh (`build_index`), which is how radix-cache prefix hits and chunked prefills
-        get indexed: from what the pool holds.
-
-        fold_only: update only when the recent window is due to fold. Until then the index lags
-        the cache, which costs nothing to a caller that attends exactly to every token from the
-        index's `recent_start` to `seq_len` (the kernel path): it avoids reading and copying the
-        newest keys at every step.
+        It covers the tokens before the step's own (a server writes the step's key during the
+        forward) and is folded (`update_index`) only when its recent window is due; until then it
+        lags the cache, and the tokens past it are attended exactly (`reference.decode_view`), so
+        nothing is read or copied per token. `read(start, end)` returns the request's keys/values
+        `[H_kv, end - start, d]` from the pool (post-RoPE). A missing index, or one covering more
+        tokens than the cache now holds, is built afresh (`build_index`), which is how radix-cache
+        prefix hits and chunked prefills get indexed: from what the pool holds.
         """
         if not 0 <= row < self.num_rows:
             raise IndexError(f"req_pool_idx {row} outside the table of {self.num_rows} rows")
@@ -91,19 +87,22 @@ class IndexTable:
         if entry is None or entry.generation != generation:
             entry = self._entries[row] = _Entry(generation)
         index = entry.layers.get(layer_id)
-        if index is None or index.num_tokens > seq_len:
-            index = build_index(*read(0, seq_len), cfg, rope=rope)
-        elif index.num_tokens < seq_len and not (fold_only and not fold_due(index, seq_len, cfg)):
-            index = update_index(index, *read(index.num_tokens, seq_len), cfg)
+        before = seq_len - 1
+        if index is None or index.num_tokens > before:
+            index = build_index(*read(0, before), cfg, rope=rope)
+        elif fold_due(index, before, cfg):
+            index = update_index(index, *read(index.num_tokens, before), cfg)
         entry.layers[layer_id] = index
         return index
 
-    def get(self, row: int, generation: int, layer_id: int) -> ClusterIndex | None:
-        """The index `ensure` made for this row's request and layer, if it still holds one."""
+    def upkeep_due(
+        self, row: int, generation: int, layer_id: int, seq_len: int, cfg: MultipoleConfig
+    ) -> bool:
+        """Whether `ensure` would build, rebuild or fold this row's index for a step over `seq_len`."""
         entry = self._entries.get(row)
-        if entry is None or entry.generation != generation:
-            return None
-        return entry.layers.get(layer_id)
+        index = entry.layers.get(layer_id) if entry is not None and entry.generation == generation else None
+        before = seq_len - 1
+        return index is None or index.num_tokens > before or fold_due(index, before, cfg)
 
     def __len__(self) -> int:
         """Rows currently holding an index."""

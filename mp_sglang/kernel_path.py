@@ -26,7 +26,7 @@ import torch
 from mp_kernels.decode import multipole_decode
 from mp_kernels.layout import PagedKV
 from mp_sglang.config import MultipoleConfig
-from mp_sglang.index import IndexTable, KVReader, fold_due
+from mp_sglang.index import IndexTable, KVReader
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
 from mp_sglang.reference import ClusterIndex
 from mp_sglang.rope import Rope
@@ -178,22 +178,11 @@ class KernelDecoder:
 
     def _upkeep_due(self, row: MethodRow) -> bool:
         """Whether the row's index must be built, rebuilt or folded (the same for every layer)."""
-        index = self.table.get(row.req, row.generation, self.layer_ids[0])
-        before = row.seq_len - 1
-        return index is None or index.num_tokens > before or fold_due(index, before, self.cfg)
+        return self.table.upkeep_due(row.req, row.generation, self.layer_ids[0], row.seq_len, self.cfg)
 
     def _ensure(self, row: MethodRow, layer_id: int) -> ClusterIndex:
-        """The row's index over the tokens already in the pool (all but the step's own)."""
-        return self.table.ensure(
-            row.req,
-            row.generation,
-            layer_id,
-            row.seq_len - 1,
-            self._reader(row.req, layer_id),
-            self.cfg,
-            self.rope,
-            fold_only=True,
-        )
+        reader = self._reader(row.req, layer_id)
+        return self.table.ensure(row.req, row.generation, layer_id, row.seq_len, reader, self.cfg, self.rope)
 
     def _reader(self, req: int, layer_id: int) -> KVReader:
         def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
