@@ -5,10 +5,15 @@ the final block during an update): segment `b` owns point rows `point_start[b] :
 num_points[b]` of `points [N, H, d]` and centroid rows `cluster_start[b] : cluster_start[b] +
 num_clusters[b]` of `centroids [R, H, d]`; labels are local cluster ids. All heads of all segments
 run in one launch, which is what makes building a 128K-token index a handful of launches.
-`lloyd` composes the steps exactly as `mp_sglang.clustering.lloyd` does.
+`lloyd` composes the steps exactly as `mp_sglang.clustering.lloyd` does, and `solve_batched` solves
+a round of `mp_sglang.kmeans_tasks` problems (index builds and folds of many requests and layers)
+with it.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -16,6 +21,7 @@ import triton.language as tl
 
 from mp_kernels.dispatch import exact_dots, use_triton
 from mp_sglang import clustering
+from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask
 
 
 @torch.no_grad()
@@ -169,29 +175,93 @@ def lloyd(
     num_clusters: torch.Tensor,
     max_points: int,
     iters: int,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
     weights: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations of every segment, as `clustering.lloyd` (empty clusters re-seeded at random
-    points, drawn segment by segment from `generator`); returns fp32 centroids and labels."""
+    """Lloyd iterations of every segment, as `clustering.lloyd` on each: a segment left with an
+    empty cluster re-seeds it at random points drawn from its own generator (`generators[b]`);
+    returns fp32 centroids and labels."""
     seg = (point_start, num_points, cluster_start)
     for it in range(iters):
         labels = assign(points, centroids, *seg, num_clusters, max_points, backend)
         centroids, totals = cluster_means(points, labels, *seg, centroids, max_points, weights, backend)
         empty = totals == 0
         if it < iters - 1 and bool(empty.any()):
-            centroids = _reseed(points, centroids, empty, seg, num_clusters, generator)
+            centroids = _reseed(points, centroids, empty, seg, num_clusters, generators)
     labels = assign(points, centroids, *seg, num_clusters, max_points, backend)
     centroids, _ = cluster_means(points, labels, *seg, centroids, max_points, weights, backend)
     return centroids, labels
 
 
-def _reseed(points, centroids, empty, seg, num_clusters, generator):
+def solve_batched(
+    tasks: Sequence[KMeansTask],
+    points_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+    max_bytes: int = 1 << 30,
+) -> list[KMeansResult]:
+    """`kmeans_tasks.solve_each`, with the tasks of a round as the segments of a few `lloyd` calls.
+
+    Tasks are grouped by what one launch must share (iterations, weighted or not, head and feature
+    sizes) and concatenated up to `max_bytes` of fp32 points at a time. `points_dtype` (e.g. the
+    KV cache's bf16) is what the assignment multiplies in; centroids and means stay fp32.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, task in enumerate(tasks):
+        shape = (task.points.shape[0], task.points.shape[2], task.values.shape[2])
+        groups.setdefault((task.iters, task.weights is not None, *shape), []).append(i)
+    results: list[KMeansResult | None] = [None] * len(tasks)
+    for members in groups.values():
+        chunk: list[int] = []
+        size = 0
+        for i in members:
+            task_bytes = tasks[i].points.numel() * 4
+            if chunk and size + task_bytes > max_bytes:
+                _solve_segments(tasks, chunk, results, points_dtype, backend)
+                chunk, size = [], 0
+            chunk.append(i)
+            size += task_bytes
+        _solve_segments(tasks, chunk, results, points_dtype, backend)
+    return results  # type: ignore[return-value]
+
+
+def _solve_segments(tasks, chosen, results, points_dtype, backend) -> None:
+    """One `lloyd` over the tasks `chosen`, each one segment; fills their `results`."""
+    group = [tasks[i] for i in chosen]
+    like = {"dtype": torch.int32, "device": group[0].points.device}
+    sizes = [task.points.shape[1] for task in group]
+    clusters = [task.init.shape[1] for task in group]
+    point_start = torch.tensor([0, *itertools.accumulate(sizes)][:-1], **like)
+    cluster_start = torch.tensor([0, *itertools.accumulate(clusters)][:-1], **like)
+    seg = (point_start, torch.tensor(sizes, **like), cluster_start)
+    points = torch.cat([t.points.transpose(0, 1).to(points_dtype or t.points.dtype) for t in group])
+    values = torch.cat([t.values.transpose(0, 1) for t in group])
+    init = torch.cat([t.init.transpose(0, 1).float() for t in group])
+    weights = None if group[0].weights is None else torch.cat([t.weights.t() for t in group])
+    generators = [t.generator for t in group]
+    num_clusters = torch.tensor(clusters, **like)
+    centroids, labels = lloyd(
+        points, init, *seg, num_clusters, max(sizes), group[0].iters, generators, weights, backend
+    )
+    fallback = init.new_zeros(init.shape[0], init.shape[1], values.shape[2])
+    value_means, totals = cluster_means(values, labels, *seg, fallback, max(sizes), weights, backend)
+    starts = zip(point_start.tolist(), cluster_start.tolist(), strict=True)
+    for i, (ps, cs), n, k in zip(chosen, starts, sizes, clusters, strict=True):
+        results[i] = KMeansResult(
+            centroids=centroids[cs : cs + k].transpose(0, 1),
+            value_means=value_means[cs : cs + k].transpose(0, 1),
+            totals=totals[cs : cs + k].t(),
+            labels=labels[ps : ps + n].t().long(),
+        )
+
+
+def _reseed(points, centroids, empty, seg, num_clusters, generators):
     point_start, num_points, cluster_start = seg
     heads = points.shape[1]
-    for ps, pe, cs, ce in _segments(point_start, num_points, cluster_start, num_clusters):
-        if ce > cs and pe > ps:
+    empty_rows = empty.any(dim=1).cpu()  # one host read for all segments
+    segments = _segments(point_start, num_points, cluster_start, num_clusters)
+    for (ps, pe, cs, ce), generator in zip(segments, generators, strict=True):
+        if ce > cs and pe > ps and bool(empty_rows[cs:ce].any()):
             picks = torch.randint(0, pe - ps, (heads, ce - cs), generator=generator).to(points.device)
             seeds = torch.gather(
                 points[ps:pe].transpose(0, 1).float(), 1, picks.unsqueeze(-1).expand(-1, -1, points.shape[-1])

@@ -109,23 +109,6 @@ def lloyd(
     return centroids, labels
 
 
-def kmeans(
-    points: torch.Tensor,
-    num_clusters: int,
-    iters: int,
-    generator: torch.Generator,
-    weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K-means from `num_clusters` distinct random points of each head (seeded, reproducible)."""
-    heads, n, dim = points.shape
-    if not 1 <= num_clusters <= n:
-        raise ValueError(f"num_clusters must be in [1, {n}] for {n} points; got {num_clusters}")
-    picks = torch.stack([torch.randperm(n, generator=generator)[:num_clusters] for _ in range(heads)])
-    picks = picks.to(points.device)
-    init = torch.gather(points, 1, picks.unsqueeze(-1).expand(-1, -1, dim))
-    return lloyd(points, init, iters, generator, weights)
-
-
 def block_sizes(num_tokens: int, block: int) -> list[int]:
     """Split `num_tokens` into k-means blocks of `block` keys; the final block holds [block/2, 3/2 block).
 

@@ -9,18 +9,22 @@ requests come and go.
 
 One `ClusterIndex` per (row, layer), built or brought up to date from the keys in the pool on
 demand, on the pool's device. Both decode paths use it; the kernel path (`mp_sglang.kernel_path`)
-also keeps a packed copy per layer for the kernels.
+also keeps a packed copy per layer for the kernels, and asks for all layers and requests of a
+step at once (`ensure_many`), so their builds and folds run as a few batched k-means rounds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import NamedTuple
 
 import torch
 
 from mp_sglang.config import MultipoleConfig
-from mp_sglang.reference import ClusterIndex, build_index, update_index
+from mp_sglang.kmeans_tasks import Solver, Steps, drive, solve_each
+from mp_sglang.reference import ClusterIndex, build_index_steps, update_index_steps
 from mp_sglang.rope import Rope
 
 KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -29,6 +33,26 @@ KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 def fold_due(index: ClusterIndex, seq_len: int, cfg: MultipoleConfig) -> bool:
     """Whether a cache of `seq_len` tokens has outgrown the index's recent window (see `update_index`)."""
     return seq_len - index.recent_start >= cfg.recent_window + cfg.update_block
+
+
+@dataclass(frozen=True)
+class IndexWant:
+    """A (request row, layer) whose index a decode step over `seq_len` cached tokens needs."""
+
+    row: int
+    generation: int
+    layer_id: int
+    seq_len: int
+    read: KVReader
+
+
+class _Job(NamedTuple):
+    """Upkeep due on one (row, layer): where the result goes, the steps, and the tokens they cluster."""
+
+    entry: _Entry
+    layer_id: int
+    make_steps: Callable[[], Steps[ClusterIndex]]
+    tokens: int
 
 
 @dataclass
@@ -81,19 +105,43 @@ class IndexTable:
         tokens than the cache now holds, is built afresh (`build_index`), which is how radix-cache
         prefix hits and chunked prefills get indexed: from what the pool holds.
         """
-        if not 0 <= row < self.num_rows:
-            raise IndexError(f"req_pool_idx {row} outside the table of {self.num_rows} rows")
-        entry = self._entries.get(row)
-        if entry is None or entry.generation != generation:
-            entry = self._entries[row] = _Entry(generation)
-        index = entry.layers.get(layer_id)
-        before = seq_len - 1
-        if index is None or index.num_tokens > before:
-            index = build_index(*read(0, before), cfg, rope=rope)
-        elif fold_due(index, before, cfg):
-            index = update_index(index, *read(index.num_tokens, before), cfg)
-        entry.layers[layer_id] = index
-        return index
+        return self.ensure_many([IndexWant(row, generation, layer_id, seq_len, read)], cfg, rope)[0]
+
+    def ensure_many(
+        self,
+        wants: Sequence[IndexWant],
+        cfg: MultipoleConfig,
+        rope: Rope | None,
+        solve: Solver = solve_each,
+        group_tokens: int = 1 << 17,
+    ) -> list[ClusterIndex]:
+        """`ensure` for many (row, layer) pairs at once: the builds and folds due run in lockstep
+        (`kmeans_tasks.drive`), each round's k-means problems solved by one `solve` call.
+
+        Work is taken in groups of about `group_tokens` tokens to cluster (at least one pair a
+        group), which bounds the float32 copies held at once: with 8 KV heads of 128 dims, keys and
+        values cost 8 KiB a token, so the default group holds about 1 GiB.
+        """
+        jobs: list[_Job] = []
+        for want in wants:
+            if not 0 <= want.row < self.num_rows:
+                raise IndexError(f"req_pool_idx {want.row} outside the table of {self.num_rows} rows")
+            entry = self._entries.get(want.row)
+            if entry is None or entry.generation != want.generation:
+                entry = self._entries[want.row] = _Entry(want.generation)
+            index = entry.layers.get(want.layer_id)
+            before = want.seq_len - 1
+            if index is None or index.num_tokens > before:
+                make = partial(_build_steps, want.read, before, cfg, rope)
+                jobs.append(_Job(entry, want.layer_id, make, before))
+            elif fold_due(index, before, cfg):
+                make = partial(_fold_steps, index, want.read, before, cfg)
+                jobs.append(_Job(entry, want.layer_id, make, before - index.window_start))
+        for group in _groups(jobs, group_tokens):
+            indexes = drive([job.make_steps() for job in group], solve)
+            for job, index in zip(group, indexes, strict=True):
+                job.entry.layers[job.layer_id] = index
+        return [self._entries[want.row].layers[want.layer_id] for want in wants]
 
     def upkeep_due(
         self, row: int, generation: int, layer_id: int, seq_len: int, cfg: MultipoleConfig
@@ -128,3 +176,25 @@ def _index_tensors(index: ClusterIndex) -> list[torch.Tensor]:
     for level in index.levels:
         tensors += [level.centroids, level.value_centroids, level.counts, level.labels]
     return tensors
+
+
+def _build_steps(read: KVReader, end: int, cfg: MultipoleConfig, rope: Rope | None) -> Steps[ClusterIndex]:
+    return build_index_steps(*read(0, end), cfg, rope=rope)
+
+
+def _fold_steps(index: ClusterIndex, read: KVReader, end: int, cfg: MultipoleConfig) -> Steps[ClusterIndex]:
+    return update_index_steps(index, *read(index.num_tokens, end), cfg)
+
+
+def _groups(jobs: list[_Job], cap: int) -> Iterator[list[_Job]]:
+    """Consecutive runs of jobs clustering at most `cap` tokens together (at least one job each)."""
+    group: list[_Job] = []
+    size = 0
+    for job in jobs:
+        if group and size + job.tokens > cap:
+            yield group
+            group, size = [], 0
+        group.append(job)
+        size += job.tokens
+    if group:
+        yield group

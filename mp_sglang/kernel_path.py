@@ -18,17 +18,19 @@ Host work and GPU work are split the way CUDA graphs need:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from mp_kernels.decode import multipole_decode
+from mp_kernels.kmeans import solve_batched
 from mp_kernels.layout import PagedKV
 from mp_sglang.config import MultipoleConfig
-from mp_sglang.index import IndexTable, KVReader
+from mp_sglang.index import IndexTable, IndexWant, KVReader
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
-from mp_sglang.reference import ClusterIndex
+from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Solver
 from mp_sglang.rope import Rope
 
 if TYPE_CHECKING:
@@ -113,6 +115,8 @@ class KernelDecoder:
         self.kernel_backend: str | None = None  # auto: Triton on CUDA, torch references elsewhere
         keys = kv_pool.get_key_buffer(layer_ids[0])
         self.device = keys.device
+        self.cluster_dtype = keys.dtype
+        self.solve: Solver = self._solve_batched  # how index k-means runs (a benchmark may swap it)
         rows = req_to_token.shape[0]
         self.capacity = IndexCapacity(
             rows=rows,
@@ -158,9 +162,7 @@ class KernelDecoder:
         # Between folds, with the same requests in the same rows, every layer's buffers are current:
         # skip the per-layer, per-request upkeep (the host time a CUDA-graph replay waits for).
         if held != self._held or any(row.indexed and self._upkeep_due(row) for row in rows):
-            for lid in self.layer_ids:
-                indexes = [self._ensure(row, lid) if row.indexed else None for row in rows]
-                self.buffers[lid].fill(indexes, self.cfg.sink_tokens)
+            self._upkeep(rows)
             self._held = held
         cfg = self.cfg
         ints = [
@@ -180,9 +182,23 @@ class KernelDecoder:
         """Whether the row's index must be built, rebuilt or folded (the same for every layer)."""
         return self.table.upkeep_due(row.req, row.generation, self.layer_ids[0], row.seq_len, self.cfg)
 
-    def _ensure(self, row: MethodRow, layer_id: int) -> ClusterIndex:
-        reader = self._reader(row.req, layer_id)
-        return self.table.ensure(row.req, row.generation, layer_id, row.seq_len, reader, self.cfg, self.rope)
+    def _upkeep(self, rows: list[MethodRow]) -> None:
+        """Bring every layer's index of every row up to date, all builds and folds in one batched
+        k-means per round (`IndexTable.ensure_many`), and repack the layers' buffers."""
+        indexed = [row for row in rows if row.indexed]
+        wants = [
+            IndexWant(row.req, row.generation, lid, row.seq_len, self._reader(row.req, lid))
+            for lid in self.layer_ids
+            for row in indexed
+        ]
+        found = iter(self.table.ensure_many(wants, self.cfg, self.rope, self.solve))
+        for lid in self.layer_ids:
+            indexes = [next(found) if row.indexed else None for row in rows]
+            self.buffers[lid].fill(indexes, self.cfg.sink_tokens)
+
+    def _solve_batched(self, tasks: Sequence[KMeansTask]) -> list[KMeansResult]:
+        """Index k-means in the cache's dtype (bf16: tensor-core assignment), means in fp32."""
+        return solve_batched(tasks, points_dtype=self.cluster_dtype, backend=self.kernel_backend)
 
     def _reader(self, req: int, layer_id: int) -> KVReader:
         def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:

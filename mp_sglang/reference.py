@@ -11,22 +11,15 @@ One request, one layer, float32 on any device. Shapes: keys and values `[num_kv_
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
 import torch
 
-from mp_sglang.clustering import (
-    assign,
-    block_sizes,
-    cluster_means,
-    cluster_sums,
-    clusters_for,
-    kmeans,
-    lloyd,
-    seeded,
-)
+from mp_sglang.clustering import assign, block_sizes, cluster_sums, clusters_for, seeded
 from mp_sglang.config import MultipoleConfig
+from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Steps, random_init_task, run
 from mp_sglang.rope import Rope
 
 
@@ -147,6 +140,17 @@ def build_index(
     rope: the model's rotary embedding. With it and `cfg.windowed_rope`, keys are clustered
         un-rotated to position 0 (the windowed-RoPE frame); without it keys are clustered as stored.
     """
+    return run(build_index_steps(keys, values, cfg, positions, rope))
+
+
+def build_index_steps(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cfg: MultipoleConfig,
+    positions: torch.Tensor | None = None,
+    rope: Rope | None = None,
+) -> Steps[ClusterIndex]:
+    """`build_index` as k-means steps (`mp_sglang.kmeans_tasks`): every block is one task of one round."""
     _check_kv(keys, values)
     heads, seq, dim = keys.shape
     frame_rope = rope if cfg.windowed_rope else None
@@ -171,9 +175,7 @@ def build_index(
         rope_window=cfg.rope_window,
         next_position=int(positions[-1]) + 1 if seq else 0,
     )
-    for size in block_sizes(num_clustered, cfg.kmeans_block):
-        index = _append_block(index, size, cfg)
-    return index
+    return (yield from _append_blocks(index, block_sizes(num_clustered, cfg.kmeans_block), cfg))
 
 
 def update_index(
@@ -188,6 +190,13 @@ def update_index(
     iterations over the final block alone. A final block grown past 3/2 `kmeans_block` is split
     and re-clustered, so earlier blocks never change.
     """
+    return run(update_index_steps(index, new_keys, new_values, cfg))
+
+
+def update_index_steps(
+    index: ClusterIndex, new_keys: torch.Tensor, new_values: torch.Tensor, cfg: MultipoleConfig
+) -> Steps[ClusterIndex]:
+    """`update_index` as k-means steps: one round per fold."""
     _check_kv(new_keys, new_values)
     if new_keys.shape[0] != index.window_keys.shape[0]:
         raise ValueError(
@@ -205,61 +214,82 @@ def update_index(
         window_values=torch.cat([index.window_values, new_values.float()[:, skip:]], dim=1),
     )
     while index.num_tokens - index.recent_start >= cfg.recent_window + cfg.update_block:
-        index = _fold_recent_tokens(index, cfg)
+        index = yield from _fold_recent_tokens(index, cfg)
     return index
 
 
-def _fold_recent_tokens(index: ClusterIndex, cfg: MultipoleConfig) -> ClusterIndex:
+def _fold_recent_tokens(index: ClusterIndex, cfg: MultipoleConfig) -> Steps[ClusterIndex]:
     """Move the oldest `update_block` recent tokens into the final block and re-cluster only it."""
     final_size = index.block_tokens[-1] - index.block_tokens[-2] if index.num_clustered else 0
     grown = final_size + cfg.update_block
     if final_size == 0 or grown >= cfg.kmeans_block + cfg.kmeans_block // 2:
         index = _drop_final_block(index)
-        for size in block_sizes(grown, cfg.kmeans_block):
-            index = _append_block(index, size, cfg)
-        return index
+        return (yield from _append_blocks(index, block_sizes(grown, cfg.kmeans_block), cfg))
     old_final = _final_block_level0(index)
     index = _drop_final_block(index)
-    return _append_block(index, grown, cfg, warm_from=old_final)
+    return (yield from _append_blocks(index, [grown], cfg, warm_from=old_final))
 
 
-def _append_block(
-    index: ClusterIndex, size: int, cfg: MultipoleConfig, warm_from: ClusterLevel | None = None
-) -> ClusterIndex:
-    """Cluster the `size` window tokens right after the clustered region as the new final block.
+def _append_blocks(
+    index: ClusterIndex, sizes: list[int], cfg: MultipoleConfig, warm_from: ClusterLevel | None = None
+) -> Steps[ClusterIndex]:
+    """Cluster the window tokens right after the clustered region as new blocks of `sizes` tokens.
 
-    The window is then cut at this block's start (a copy, so the keys before it are freed): every
-    earlier block is final.
+    All blocks are clustered in one round (one task each; a block's generator is seeded by where it
+    ends). The window is then cut at the last block's start (a copy, so the keys before it are
+    freed): every earlier block is final.
     """
+    if not sizes:
+        return index
     offset = index.recent_start - index.window_start
-    keys = index.window_keys[:, offset : offset + size]
-    values = index.window_values[:, offset : offset + size]
-    generator = seeded(cfg.seed, index.recent_start + size)
-    if warm_from is None:
-        centroids, labels = kmeans(
-            keys, clusters_for(size, cfg.tokens_per_cluster), cfg.kmeans_iters, generator
-        )
-    else:
-        centroids, labels = _warm_recluster(keys, warm_from, cfg, generator)
-    block_levels = _block_hierarchy(centroids, labels, values, cfg, generator)
+    bounds = [offset + sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    tasks = []
+    for lo, hi in itertools.pairwise(bounds):
+        keys, values = index.window_keys[:, lo:hi], index.window_values[:, lo:hi]
+        generator = seeded(cfg.seed, index.window_start + hi)
+        if warm_from is None:
+            tasks.append(
+                random_init_task(
+                    keys, values, clusters_for(hi - lo, cfg.tokens_per_cluster), cfg.kmeans_iters, generator
+                )
+            )
+        else:
+            tasks.append(_warm_task(keys, values, warm_from, cfg, generator))
+    fine = yield tasks
+    blocks = [[_level_of(result)] for result in fine]
+    for _ in range(1, cfg.levels):
+        coarse = yield [
+            _coarse_task(levels[-1], cfg, task.generator) for levels, task in zip(blocks, tasks, strict=True)
+        ]
+        for levels, result in zip(blocks, coarse, strict=True):
+            levels.append(_level_of(result))
+    levels = []
+    for lvl, old in enumerate(index.levels):
+        levels.append(_concat_levels([old] + [block[lvl] for block in blocks]))
+    last = bounds[-2]
+    block_counts = [[block[lvl].centroids.shape[1] for block in blocks] for lvl in range(cfg.levels)]
     return replace(
         index,
-        levels=tuple(_concat_level(old, new) for old, new in zip(index.levels, block_levels, strict=True)),
-        num_clustered=index.num_clustered + size,
-        block_tokens=index.block_tokens + (index.block_tokens[-1] + size,),
+        levels=tuple(levels),
+        num_clustered=index.num_clustered + sum(sizes),
+        block_tokens=index.block_tokens + tuple(index.block_tokens[-1] + b - offset for b in bounds[1:]),
         block_clusters=tuple(
-            bounds + (bounds[-1] + new.centroids.shape[1],)
-            for bounds, new in zip(index.block_clusters, block_levels, strict=True)
+            cuts + tuple(itertools.accumulate(counts, initial=cuts[-1]))[1:]
+            for cuts, counts in zip(index.block_clusters, block_counts, strict=True)
         ),
-        window_start=index.window_start + offset,
-        window_keys=index.window_keys[:, offset:].clone(),
-        window_values=index.window_values[:, offset:].clone(),
+        window_start=index.window_start + last,
+        window_keys=index.window_keys[:, last:].clone(),
+        window_values=index.window_values[:, last:].clone(),
     )
 
 
-def _warm_recluster(
-    keys: torch.Tensor, old: ClusterLevel, cfg: MultipoleConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _warm_task(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    old: ClusterLevel,
+    cfg: MultipoleConfig,
+    generator: torch.Generator,
+) -> KMeansTask:
     """Re-cluster a grown final block starting from its previous centroids.
 
     The newest `update_block` keys seed the extra clusters the block is now owed; the rest of
@@ -278,43 +308,35 @@ def _warm_recluster(
     counts = torch.cat([old.counts.to(keys.dtype), keys.new_ones(heads, extra)], dim=1)
     sums, added = cluster_sums(rest, assign(rest, centroids), centroids.shape[1])
     centroids = (centroids * counts.unsqueeze(-1) + sums) / (counts + added).clamp_min(1).unsqueeze(-1)
-    return lloyd(keys, centroids, cfg.update_iters, generator)
+    return KMeansTask(keys, values, centroids, cfg.update_iters, generator)
 
 
-def _block_hierarchy(
-    centroids: torch.Tensor,
-    labels: torch.Tensor,
-    values: torch.Tensor,
-    cfg: MultipoleConfig,
-    generator: torch.Generator,
-) -> list[ClusterLevel]:
-    """One block's levels, cluster ids local to the block: its token clusters, then coarser ones.
+def _coarse_task(child: ClusterLevel, cfg: MultipoleConfig, generator: torch.Generator) -> KMeansTask:
+    """Clusters of a block's clusters, weighted by their counts.
 
-    A coarse centroid is the count-weighted mean of its children, i.e. the mean of all keys under
-    it, so a coarse cluster approximates its tokens exactly as a fine one would.
+    A coarse centroid is then the count-weighted mean of its children, i.e. the mean of all keys
+    under it, so a coarse cluster approximates its tokens exactly as a fine one would.
     """
-    num_clusters = centroids.shape[1]
-    value_centroids, counts = cluster_means(values, labels, num_clusters, torch.zeros_like(centroids))
-    levels = [ClusterLevel(centroids, value_centroids, counts.round().long(), labels)]
-    for _ in range(1, cfg.levels):
-        child = levels[-1]
-        weights = child.counts.to(centroids.dtype)
-        coarse = max(1, math.ceil(child.centroids.shape[1] / cfg.level_ratio))
-        parent_centroids, parents = kmeans(child.centroids, coarse, cfg.kmeans_iters, generator, weights)
-        parent_values, totals = cluster_means(
-            child.value_centroids, parents, coarse, torch.zeros_like(parent_centroids), weights
-        )
-        levels.append(ClusterLevel(parent_centroids, parent_values, totals.round().long(), parents))
-    return levels
+    coarse = max(1, math.ceil(child.centroids.shape[1] / cfg.level_ratio))
+    weights = child.counts.to(child.centroids.dtype)
+    return random_init_task(
+        child.centroids, child.value_centroids, coarse, cfg.kmeans_iters, generator, weights
+    )
 
 
-def _concat_level(old: ClusterLevel, new: ClusterLevel) -> ClusterLevel:
-    """Append a block's clusters to a level; the block's local ids move past the existing ones."""
+def _level_of(result: KMeansResult) -> ClusterLevel:
+    """A block's level from its k-means solution (cluster ids local to the block)."""
+    return ClusterLevel(result.centroids, result.value_means, result.totals.round().long(), result.labels)
+
+
+def _concat_levels(parts: list[ClusterLevel]) -> ClusterLevel:
+    """Append blocks' clusters to a level; each block's local ids move past the ones before it."""
+    offsets = itertools.accumulate((part.centroids.shape[1] for part in parts[:-1]), initial=0)
     return ClusterLevel(
-        centroids=torch.cat([old.centroids, new.centroids], dim=1),
-        value_centroids=torch.cat([old.value_centroids, new.value_centroids], dim=1),
-        counts=torch.cat([old.counts, new.counts], dim=1),
-        labels=torch.cat([old.labels, new.labels + old.centroids.shape[1]], dim=1),
+        centroids=torch.cat([part.centroids for part in parts], dim=1),
+        value_centroids=torch.cat([part.value_centroids for part in parts], dim=1),
+        counts=torch.cat([part.counts for part in parts], dim=1),
+        labels=torch.cat([part.labels + first for part, first in zip(parts, offsets, strict=True)], dim=1),
     )
 
 

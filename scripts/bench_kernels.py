@@ -191,7 +191,7 @@ def _build_index(
     init = k_pool[(ps.long().repeat_interleave(ncl.long()) + _ranks(ncl))].float()
     max_pts = max(s for _, s in blocks)
     cen, labels = kmeans.lloyd(
-        k_pool, init, ps, sizes, cs, ncl, max_pts, iters, torch.Generator().manual_seed(0)
+        k_pool, init, ps, sizes, cs, ncl, max_pts, iters, [torch.Generator().manual_seed(0)] * len(sizes)
     )
     vcen, counts = kmeans.cluster_means(v_pool, labels, ps, sizes, cs, torch.zeros_like(cen), max_pts)
     cnt = counts.round().to(torch.int32)
@@ -236,9 +236,8 @@ def _with_coarse_level(level, cen, vcen, counts, cs, ncl, batch, iters) -> tuple
     cs1 = (torch.cumsum(ncl1, 0) - ncl1).to(torch.int32)
     init = cen[(cs.long().repeat_interleave(ncl1.long()) + _ranks(ncl1))]
     max_c = int(ncl.max())
-    cen1, labels1 = kmeans.lloyd(
-        cen, init, cs, ncl, cs1, ncl1, max_c, iters, torch.Generator().manual_seed(1), weights=counts
-    )
+    gens = [torch.Generator().manual_seed(1)] * len(ncl)
+    cen1, labels1 = kmeans.lloyd(cen, init, cs, ncl, cs1, ncl1, max_c, iters, gens, weights=counts)
     vcen1, counts1 = kmeans.cluster_means(vcen, labels1, cs, ncl, cs1, torch.zeros_like(cen1), max_c, counts)
     per_req = ncl1.view(batch, -1).sum(1)
     start1 = (torch.cumsum(per_req, 0) - per_req).to(torch.int32)
@@ -423,7 +422,7 @@ def _build_row(ctx, mode, build_ms, k_pool, v_pool, q, index) -> dict:
     npts = torch.tensor([n], dtype=torch.int32, device=DEVICE)
     warm = final[: n // TPC].float()
     update = lambda: kmeans.lloyd(
-        final, warm, zero, npts, zero, ncl, n, UPDATE_ITERS, torch.Generator().manual_seed(0)
+        final, warm, zero, npts, zero, ncl, n, UPDATE_ITERS, [torch.Generator().manual_seed(0)]
     )  # noqa: E731
     update_ms = _host_median_ms(update)
     budget = torch.full((1,), int(0.02 * ctx), dtype=torch.int32, device=DEVICE)

@@ -7,6 +7,9 @@ Needs torch and Triton on a GPU, not sglang: the backend's `KernelDecoder` runs 
 as sglang's (`[slots, H_kv, d]` K/V per layer, `req_to_token`), filled with random keys. The first
 step builds every request's index (timed apart); the next steps are timed with a synchronize
 after each, then a few more run under torch.profiler, whose table (host time per op) is printed.
+The step that folds `update_block` new tokens into every index is timed too. With
+`--compare-upkeep`, the first step and the fold are timed again on fresh indexes with index k-means
+run request by request and layer by layer (`kmeans_tasks.solve_each`), side by side.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.index import IndexTable
 from mp_sglang.kernel_path import KernelDecoder, MethodRow
+from mp_sglang.kmeans_tasks import solve_each
 from mp_sglang.rope import Rope
 
 
@@ -32,7 +36,8 @@ def main() -> None:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    length = args.context + args.steps + 8
+    cfg = MultipoleConfig(token_budget=args.budget)
+    length = args.context + cfg.update_block + 8
     slots = args.batch * length
     keys = [
         torch.randn(slots, args.heads_kv, args.dim, device=dev, dtype=torch.bfloat16)
@@ -41,17 +46,24 @@ def main() -> None:
     values = [torch.randn_like(k) for k in keys]
     req_to_token = torch.arange(slots, device=dev, dtype=torch.int32).view(args.batch, length)
     kv_pool = SimpleNamespace(get_key_buffer=keys.__getitem__, get_value_buffer=values.__getitem__)
-    cfg = MultipoleConfig(token_budget=args.budget)
-    decoder = KernelDecoder(
-        cfg,
-        req_to_token,
-        kv_pool,
-        range(args.layers),
-        pool_tokens=slots,
-        context_len=length,
-        table=IndexTable(args.batch),
-        rope=Rope.standard(args.dim, 500000.0),
-    )
+    if args.steps >= cfg.update_block:
+        raise SystemExit(
+            f"--steps must stay below update_block ({cfg.update_block}): the fold is timed apart"
+        )
+
+    def make_decoder() -> KernelDecoder:
+        return KernelDecoder(
+            cfg,
+            req_to_token,
+            kv_pool,
+            range(args.layers),
+            pool_tokens=slots,
+            context_len=length,
+            table=IndexTable(args.batch),
+            rope=Rope.standard(args.dim, 500000.0),
+        )
+
+    decoder = make_decoder()
     layers = [
         SimpleNamespace(
             layer_id=i,
@@ -85,6 +97,7 @@ def main() -> None:
 
     build_s = timed(args.context)
     times = [timed(args.context + i) for i in range(1, args.steps + 1)]
+    fold_ms = 1000 * timed(args.context + cfg.update_block)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for i in range(args.steps + 1, args.steps + 4):
@@ -92,8 +105,19 @@ def main() -> None:
         sync()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
     graph_ms = (
-        _graph_replay_ms(plan, layers_forward, args.context + args.steps + 4) if dev.type == "cuda" else None
+        _graph_replay_ms(plan, layers_forward, args.context + cfg.update_block + 1)
+        if dev.type == "cuda"
+        else None
     )
+    one_by_one = {}
+    if args.compare_upkeep:
+        del decoder
+        decoder = make_decoder()
+        decoder.solve = solve_each
+        one_by_one = {
+            "first_step_with_index_build_s_one_by_one": timed(args.context),
+            "fold_step_ms_one_by_one": 1000 * timed(args.context + cfg.update_block),
+        }
     result = {
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
         "args": vars(args) | {"out": str(args.out)},
@@ -102,6 +126,8 @@ def main() -> None:
         "step_ms_all": [round(1000 * t, 3) for t in times],
         "per_layer_ms_median": 1000 * statistics.median(times) / args.layers,
         "graph_replay_ms_per_step": graph_ms,
+        "fold_step_ms": fold_ms,
+        **one_by_one,
     }
     print(table)
     print(json.dumps({k: v for k, v in result.items() if k != "step_ms_all"}, indent=1))
@@ -143,6 +169,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=0.02)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=30, help="profiler table rows")
+    ap.add_argument("--compare-upkeep", action="store_true", help="also time index upkeep one by one")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (torch references)")
     ap.add_argument("--out", type=Path, default=Path("profile_decode_path.json"))
     return ap.parse_args()

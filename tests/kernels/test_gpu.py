@@ -88,7 +88,9 @@ def test_kmeans_real_sizes():
     npts = torch.full((blocks,), n, dtype=torch.int32, device="cuda")
     ncl = torch.full((blocks,), c, dtype=torch.int32, device="cuda")
     init = points[(ps.long().unsqueeze(-1) + torch.arange(c, device="cuda")).flatten()]
-    cen, labels = kmeans.lloyd(points, init, ps, npts, cs, ncl, n, 3, torch.Generator().manual_seed(0))
+    cen, labels = kmeans.lloyd(
+        points, init, ps, npts, cs, ncl, n, 3, [torch.Generator().manual_seed(0)] * blocks
+    )
     nearest = kmeans.assign(points, cen, ps, npts, cs, ncl, n)
     for b in (0, blocks - 1):
         pts = points[b * n : (b + 1) * n].transpose(0, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mp_kernels import kmeans
@@ -50,7 +51,7 @@ def test_lloyd_matches_clustering_lloyd():
     points, centroids, ps, npts, cs, ncl = _segments([(90, 24)], gen)
     centroids[3] = 50.0  # a centroid far from everything: empty, so it is re-seeded
     got_c, got_l = kmeans.lloyd(
-        points, centroids, ps, npts, cs, ncl, 90, 4, torch.Generator().manual_seed(5), backend="triton"
+        points, centroids, ps, npts, cs, ncl, 90, 4, [torch.Generator().manual_seed(5)], backend="triton"
     )
     ref_c, ref_l = clustering.lloyd(
         points[:90].transpose(0, 1), centroids.transpose(0, 1), 4, torch.Generator().manual_seed(5)
@@ -70,3 +71,76 @@ def test_reference_assign_through_the_kernel_matches_torch(generator):
     got = clustering.assign_by_kernel(points, centroids, backend="triton")
     assert got.dtype == torch.long and torch.equal(got, clustering.assign(points, centroids))
     assert clustering.assign_by_kernel(points[:, :0], centroids, backend="triton").shape == (3, 0)
+
+
+def _small_cfg(levels: int):
+    from mp_sglang.config import MultipoleConfig
+
+    return MultipoleConfig(
+        kmeans_block=96,
+        tokens_per_cluster=8,
+        recent_window=8,
+        update_block=8,
+        sink_tokens=3,
+        levels=levels,
+        level_ratio=4,
+        dense_below=0,
+    )
+
+
+def _assert_same_index(got, want):
+    assert got.block_tokens == want.block_tokens and got.block_clusters == want.block_clusters
+    assert torch.equal(got.window_keys, want.window_keys)
+    for got_level, want_level in zip(got.levels, want.levels, strict=True):
+        assert torch.equal(got_level.labels, want_level.labels)
+        assert torch.equal(got_level.counts, want_level.counts)
+        assert torch.allclose(got_level.centroids, want_level.centroids, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(got_level.value_centroids, want_level.value_centroids, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("max_bytes", [1 << 30, 1])
+def test_batched_builds_and_folds_match_the_reference(levels, max_bytes):
+    """Builds of ragged requests and their folds, driven in lockstep through the batched solver
+    (one segment per block; max_bytes=1 puts every task in a launch of its own), give the
+    reference's indexes: same blocks, labels and counts, means to rounding."""
+    from functools import partial
+
+    from clustered_data import clustered_kv
+
+    from mp_sglang.kmeans_tasks import drive
+    from mp_sglang.reference import build_index, build_index_steps, update_index, update_index_steps
+    from mp_sglang.rope import Rope
+
+    cfg, rope = _small_cfg(levels), Rope.standard(DIM)
+    gen = torch.Generator().manual_seed(3)
+    kvs = [clustered_kv(HEADS, n, DIM, 12, gen) for n in (400, 150, 20)]
+    solve = partial(kmeans.solve_batched, backend="triton", max_bytes=max_bytes)
+    built = drive([build_index_steps(k[:, :-40], v[:, :-40], cfg, rope=rope) for k, v in kvs], solve)
+    for (k, v), got in zip(kvs, built, strict=True):
+        _assert_same_index(got, build_index(k[:, :-40], v[:, :-40], cfg, rope=rope))
+    pairs = list(zip(built, kvs, strict=True))
+    folded = drive([update_index_steps(index, k[:, -40:], v[:, -40:], cfg) for index, (k, v) in pairs], solve)
+    for (index, (k, v)), got in zip(pairs, folded, strict=True):
+        _assert_same_index(got, update_index(index, k[:, -40:], v[:, -40:], cfg))
+
+
+def test_batched_solver_clusters_points_in_the_given_dtype():
+    """points_dtype=bf16 (the serving setting) clusters the keys rounded to bf16: the same labels
+    as clustering the rounded keys in fp32, and centroids that are their fp32 means."""
+    from mp_sglang.kmeans_tasks import random_init_task
+
+    gen = torch.Generator().manual_seed(4)
+    points = torch.randn(HEADS, 64, DIM, generator=gen)
+    rounded = points.to(torch.bfloat16).float()
+    values = torch.randn(HEADS, 64, 8, generator=gen)
+
+    def task(keys):
+        return random_init_task(keys, values, 6, 3, torch.Generator().manual_seed(0))
+
+    (got,) = kmeans.solve_batched([task(points)], points_dtype=torch.bfloat16, backend="triton")
+    (want,) = kmeans.solve_batched([task(rounded)], backend="triton")
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.totals, want.totals)
+    means, _ = clustering.cluster_means(rounded, got.labels, 6, got.centroids)
+    assert torch.allclose(got.centroids, means, atol=1e-5)
+    assert got.value_means.shape == (HEADS, 6, 8)
