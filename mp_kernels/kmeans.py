@@ -262,7 +262,8 @@ def _reseed(points, centroids, empty, seg, num_clusters, generators):
     segments = _segments(point_start, num_points, cluster_start, num_clusters)
     for (ps, pe, cs, ce), generator in zip(segments, generators, strict=True):
         if ce > cs and pe > ps and bool(empty_rows[cs:ce].any()):
-            picks = torch.randint(0, pe - ps, (heads, ce - cs), generator=generator).to(points.device)
+            drawn = torch.randint(0, pe - ps, (heads, ce - cs), generator=generator)
+            picks = clustering.to_device(drawn, points.device)
             seeds = torch.gather(
                 points[ps:pe].transpose(0, 1).float(), 1, picks.unsqueeze(-1).expand(-1, -1, points.shape[-1])
             )

@@ -101,7 +101,7 @@ def lloyd(
         centroids, totals = cluster_means(points, labels, num_clusters, centroids, weights)
         empty = totals == 0
         if it < iters - 1 and bool(empty.any()):
-            picks = torch.randint(0, n, (heads, num_clusters), generator=generator).to(points.device)
+            picks = to_device(torch.randint(0, n, (heads, num_clusters), generator=generator), points.device)
             reseeded = torch.gather(points, 1, picks.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
             centroids = torch.where(empty.unsqueeze(-1), reseeded, centroids)
     labels = assign(points, centroids)
@@ -128,3 +128,15 @@ def clusters_for(num_tokens: int, tokens_per_cluster: int) -> int:
 def seeded(seed: int, salt: int) -> torch.Generator:
     """A (CPU) generator fixed by the config's seed and a position, so equal inputs cluster equally."""
     return torch.Generator().manual_seed((seed * 1_000_003 + salt) % (1 << 63))
+
+
+def to_device(drawn: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-drawn random indices onto `device` without waiting for the GPU's queue to drain.
+
+    A copy from pageable memory blocks the host until the stream catches up, once per k-means
+    block; a copy from pinned memory is queued instead (the host allocator keeps the buffer
+    until the copy has run).
+    """
+    if device.type != "cuda":
+        return drawn.to(device)
+    return drawn.pin_memory().to(device, non_blocking=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +30,8 @@ from mp_kernels.layout import PagedKV
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.index import IndexTable, IndexWant, KVReader
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
-from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Solver
+from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Solver, run
+from mp_sglang.reference import build_index_steps, update_index_steps
 from mp_sglang.rope import Rope
 
 if TYPE_CHECKING:
@@ -149,6 +150,8 @@ class KernelDecoder:
         self.batch = 0
         self.all_queries = False
         self._held: tuple[tuple[int, int, bool], ...] = ()
+        if self.device.type == "cuda":
+            self._compile_upkeep_kernels(heads, dim)
 
     # ------------------------------------------------------------------ host side (outside graphs)
 
@@ -199,6 +202,24 @@ class KernelDecoder:
     def _solve_batched(self, tasks: Sequence[KMeansTask]) -> list[KMeansResult]:
         """Index k-means in the cache's dtype (bf16: tensor-core assignment), means in fp32."""
         return solve_batched(tasks, points_dtype=self.cluster_dtype, backend=self.kernel_backend)
+
+    def _compile_upkeep_kernels(self, heads: int, dim: int) -> None:
+        """Build and fold a tiny index through `solve` once, at start-up, so that Triton compiles
+        the k-means kernels for this cache's dtype and head size here rather than inside the first
+        request's decode step (seconds of it)."""
+        tiny = replace(
+            self.cfg,
+            kmeans_block=64,
+            tokens_per_cluster=8,
+            recent_window=8,
+            update_block=8,
+            sink_tokens=2,
+            dense_below=0,
+        )
+        keys = torch.randn(heads, 128, dim, device=self.device)
+        values = torch.randn_like(keys)
+        index = run(build_index_steps(keys[:, :96], values[:, :96], tiny, rope=self.rope), self.solve)
+        run(update_index_steps(index, keys[:, 96:], values[:, 96:], tiny), self.solve)  # warm and fresh folds
 
     def _reader(self, req: int, layer_id: int) -> KVReader:
         def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:

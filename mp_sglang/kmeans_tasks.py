@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from mp_sglang.clustering import cluster_means, lloyd
+from mp_sglang.clustering import cluster_means, lloyd, to_device
 
 T = TypeVar("T")
 
@@ -66,7 +66,7 @@ def random_init_task(
     if not 1 <= num_clusters <= n:
         raise ValueError(f"num_clusters must be in [1, {n}] for {n} points; got {num_clusters}")
     picks = torch.stack([torch.randperm(n, generator=generator)[:num_clusters] for _ in range(heads)])
-    init = torch.gather(points, 1, picks.to(points.device).unsqueeze(-1).expand(-1, -1, dim))
+    init = torch.gather(points, 1, to_device(picks, points.device).unsqueeze(-1).expand(-1, -1, dim))
     return KMeansTask(points, values, init, iters, generator, weights)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mp_sglang.clustering import assign, block_sizes, cluster_sums, clusters_for, seeded
+from mp_sglang.clustering import assign, block_sizes, cluster_sums, clusters_for, seeded, to_device
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Steps, random_init_task, run
 from mp_sglang.rope import Rope
@@ -156,8 +156,11 @@ def build_index_steps(
     frame_rope = rope if cfg.windowed_rope else None
     if positions is None:
         positions = torch.arange(seq, device=keys.device)
+        next_position = seq  # known on the host: no read-back from the device
     elif positions.shape != (seq,):
         raise ValueError(f"positions must have shape ({seq},); got {tuple(positions.shape)}")
+    else:
+        next_position = int(positions[-1]) + 1 if seq else 0
     lookup_keys = _to_lookup_frame(keys.float(), positions, frame_rope)
     start = cfg.sink_tokens
     num_clustered = max(0, seq - start - cfg.recent_window)
@@ -173,7 +176,7 @@ def build_index_steps(
         window_values=values.float()[:, start:],
         rope=frame_rope,
         rope_window=cfg.rope_window,
-        next_position=int(positions[-1]) + 1 if seq else 0,
+        next_position=next_position,
     )
     return (yield from _append_blocks(index, block_sizes(num_clustered, cfg.kmeans_block), cfg))
 
@@ -301,7 +304,7 @@ def _warm_task(
         max(0, clusters_for(size, cfg.tokens_per_cluster) - old.centroids.shape[1]), new_keys.shape[1]
     )
     order = torch.stack([torch.randperm(new_keys.shape[1], generator=generator) for _ in range(heads)])
-    order = order.to(keys.device)
+    order = to_device(order, keys.device)
     seeds = torch.gather(new_keys, 1, order[:, :extra, None].expand(-1, -1, dim))
     rest = torch.gather(new_keys, 1, order[:, extra:, None].expand(-1, -1, dim))
     centroids = torch.cat([old.centroids, seeds], dim=1)
