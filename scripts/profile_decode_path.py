@@ -7,7 +7,7 @@ Needs torch and Triton on a GPU, not sglang: the backend's `KernelDecoder` runs 
 as sglang's (`[slots, H_kv, d]` K/V per layer, `req_to_token`), filled with random keys. The first
 step builds every request's index (timed apart); the next steps are timed with a synchronize
 after each, then a few more run under torch.profiler, whose table (host time per op) is printed.
-The step that folds `update_block` new tokens into every index is timed too. With
+The step that folds `update_block` new tokens into every index is timed and profiled too. With
 `--compare-upkeep`, the first step and the fold are timed again on fresh indexes with index k-means
 run request by request and layer by layer (`kmeans_tasks.solve_each`), side by side.
 """
@@ -37,7 +37,7 @@ def main() -> None:
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     cfg = MultipoleConfig(token_budget=args.budget)
-    length = args.context + cfg.update_block + 8
+    length = args.context + 2 * cfg.update_block + 8
     slots = args.batch * length
     keys = [
         torch.randn(slots, args.heads_kv, args.dim, device=dev, dtype=torch.bfloat16)
@@ -103,9 +103,13 @@ def main() -> None:
             step(args.context + i)
         sync()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
-    fold_ms = 1000 * timed(args.context + cfg.update_block)  # after the profile: a fold is not undone
+    fold_ms = 1000 * timed(args.context + cfg.update_block)  # after the steps: a fold is not undone
+    with profile(activities=activities) as fold_prof:
+        step(args.context + 2 * cfg.update_block)  # the next fold, under the profiler
+        sync()
+    fold_table = fold_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
     graph_ms = (
-        _graph_replay_ms(plan, layers_forward, args.context + cfg.update_block + 1)
+        _graph_replay_ms(plan, layers_forward, args.context + 2 * cfg.update_block + 1)
         if dev.type == "cuda"
         else None
     )
@@ -130,9 +134,10 @@ def main() -> None:
         **one_by_one,
     }
     print(table)
+    print(fold_table)
     print(json.dumps({k: v for k, v in result.items() if k != "step_ms_all"}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result | {"profile": table}, indent=1))
+    args.out.write_text(json.dumps(result | {"profile": table, "fold_profile": fold_table}, indent=1))
 
 
 def _graph_replay_ms(plan, layers_forward, seq: int) -> float:
