@@ -17,6 +17,8 @@ from mp_kernels._softmax import SPLIT_ALIGN, online_update, split_bounds, store_
 from mp_kernels.dispatch import exact_dots, next_power_of_2, use_triton
 from mp_kernels.layout import LevelTensors
 
+REPLACE_TILE = {"BLOCK_C": 64, "num_warps": 8}  # clusters per tile; a benchmark sweeps other shapes
+
 
 def centroid_replace(
     logits: torch.Tensor,
@@ -158,10 +160,10 @@ def _launch_replace(
         lse.stride(2),
         D=values.shape[-1],
         G_PAD=max(16, next_power_of_2(group)),
-        BLOCK_C=64,
+        BLOCK_C=REPLACE_TILE["BLOCK_C"],
         ALIGN=SPLIT_ALIGN,
         IEEE=exact_dots(values.dtype),
-        num_warps=8,
+        num_warps=REPLACE_TILE["num_warps"],
     )
 
 

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from mp_kernels import centroid_replace as replace_module
 from mp_kernels import kmeans
 from mp_kernels import sparse_decode as sparse_module
 from mp_kernels.centroid_lookup import centroid_scores, lookup, select_within_budget
@@ -322,6 +323,7 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
             t["select"] = _time_graph(lambda: select_within_budget(found.logits[0], level, budget))
         if frac == 0.02 and ctx == max(CONTEXTS) and batch in (1, 8):
             result["tiles"].append(_tile_variants(ctx, batch, q, kv, found, s_exact, t["sparse"]))
+            result["tiles"].append(_replace_variants(ctx, batch, found, level, s_apx, t["replace"]))
         exact_tokens = int(found.token_len.sum())
         clusters = int(level.num_clusters.sum()) * HKV
         approx = int(((found.selected[0] == 0) & torch.isfinite(found.logits[0][:, :: HQ // HKV])).sum())
@@ -395,6 +397,30 @@ def _tile_variants(ctx, batch, q, kv, found, splits, current_ms) -> dict:
         n = max(1, int(splits * splits_x))
         row[f"splits={n}"] = _time_graph(lambda: sparse_decode(q, kv, found.token_pos, found.token_len, n))
     sparse_module.SPARSE_TILE.update(saved)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _replace_variants(ctx, batch, found, level, splits, current_ms) -> dict:
+    """The replacement kernel under other tile shapes (clusters per tile x warps) and split counts."""
+    row = {
+        "kernel": "replace",
+        "ctx": ctx,
+        "batch": batch,
+        "current": dict(replace_module.REPLACE_TILE) | {"splits": splits},
+        "current_ms": current_ms,
+    }
+    saved = dict(replace_module.REPLACE_TILE)
+
+    def timed(n: int) -> float:
+        return _time_graph(lambda: centroid_replace(found.logits[0], found.selected[0], level, n))
+
+    for block_c, warps in ((32, 4), (64, 4), (128, 8), (128, 4)):
+        replace_module.REPLACE_TILE.update(BLOCK_C=block_c, num_warps=warps)
+        row[f"{block_c}x{warps}"] = timed(splits)
+    replace_module.REPLACE_TILE.update(saved)
+    for splits_x in (2, 4, 8):
+        row[f"splits={splits * splits_x}"] = timed(splits * splits_x)
     print(json.dumps(row), flush=True)
     return row
 
@@ -552,8 +578,10 @@ def _print_table(result: dict) -> None:
         )
     for r in result["tiles"]:
         print(
-            f"sparse tile shapes ctx={r['ctx']} B={r['batch']}: "
-            + ", ".join(f"{k} {v * 1e3:.1f}us" for k, v in r.items() if k not in ("ctx", "batch", "current"))
+            f"{r.get('kernel', 'sparse')} tile shapes ctx={r['ctx']} B={r['batch']} (now {r['current']}): "
+            + ", ".join(
+                f"{k} {v * 1e3:.1f}us" for k, v in r.items() if k not in ("kernel", "ctx", "batch", "current")
+            )
         )
     for r in result["rows"]:
         if "scores" in r.get("ms", {}):
