@@ -2,9 +2,15 @@
 
 Importing this module registers the implementation. Prefill (several query tokens) runs dense SDPA
 and builds each sequence's cluster index; every decode step folds the new token in with
-`update_index` (blockwise, never re-clustering from scratch) and attends with `decode_attention`.
-The index lives on the attention module, one per batch row, and is checked against the cache
-length at every step, so a new prompt or a reordered cache rebuilds it instead of going wrong.
+`update_index` (blockwise, never re-clustering from scratch) and attends. The index lives on the
+attention module, one per batch row, and is checked against the cache length at every step, so a
+new prompt or a reordered cache rebuilds it instead of going wrong.
+
+Decode steps attend (`decode_path`): on CUDA through the Triton kernel chain, all rows in one call
+per layer (`mp_sglang.hf_kernels`, which keeps its own copy of the rows' tokens in the kernels'
+layout); elsewhere, or for hierarchical indexes (levels > 1), with the torch reference
+(`decode_attention`), row by row. decode_path="kernels" takes the kernel path anywhere, with the
+kernels' backend `KERNEL_BACKEND`.
 
 Settings: `model.config.multipole` (a dict of MultipoleConfig fields, set before the first
 forward), else the MULTIPOLE_* environment.
@@ -19,21 +25,47 @@ from dataclasses import dataclass, field
 import torch
 
 from mp_sglang.config import MultipoleConfig
+from mp_sglang.hf_kernels import PackedIndexes, SlotKV, kernel_decode
 from mp_sglang.reference import ClusterIndex, build_index, decode_attention, dense_attention, update_index
 from mp_sglang.rope import Rope
 
 IMPLEMENTATION = "multipole"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# The kernels' backend on the kernel path (see mp_kernels.dispatch): None runs Triton on CUDA and
+# the kernels' torch references elsewhere; "triton" runs Triton anywhere (its CPU interpreter under
+# TRITON_INTERPRET=1, as the tests do).
+KERNEL_BACKEND: str | None = None
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _LayerState:
-    """Per attention module: the settings, the model's RoPE, and one index per batch row."""
+    """Per attention module: the settings, the model's RoPE, one index per batch row, and (kernel
+    path only) the rows' tokens in the kernels' layout."""
 
     cfg: MultipoleConfig
     rope: Rope
     indexes: list[ClusterIndex | None] = field(default_factory=list)
+    kv: SlotKV | None = None
+    packed: PackedIndexes = field(default_factory=PackedIndexes)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One batch row of the cache `[H_kv, T, d]`: `seq` valid keys, gathered only when needed."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    valid: torch.Tensor
+    seq: int
+
+    def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid keys/values (a copy: left padding is skipped)."""
+        return self.key[:, self.valid], self.value[:, self.valid]
+
+    def newest(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step's own key/value (always the last position, always valid)."""
+        return self.key[:, -1:], self.value[:, -1:]
 
 
 def multipole_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -43,24 +75,28 @@ def multipole_attention(module, query, key, value, attention_mask, scaling=None,
     state = _layer_state(module, query.shape[-1], scaling)
     batch, _, q_len, _ = query.shape
     valid = _valid_keys(attention_mask, batch, key.shape[2], key.device)
+    rows = [_Row(key[b], value[b], valid[b], seq) for b, seq in enumerate(valid.sum(1).tolist())]
     if len(state.indexes) != batch:
         state.indexes = [None] * batch
+    kernels = _kernel_path(state.cfg, query.device)
     if q_len > 1:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        for row in range(batch):
-            state.indexes[row] = _fresh_index(state, key[row][:, valid[row]], value[row][:, valid[row]])
+        for b, row in enumerate(rows):
+            state.indexes[b] = _fresh_index(state, row)
+        if kernels:
+            kv = _slot_kv(state, key)
+            for b, row in enumerate(rows):
+                kv.write(b, *row.whole())
         return out, None
-    rows = []
-    for row in range(batch):
-        keys, values = key[row][:, valid[row]], value[row][:, valid[row]]
-        index = _advance(state, state.indexes[row], keys, values)
-        state.indexes[row] = index
-        q = query[row, :, 0]
-        if index is None:
-            rows.append(dense_attention(q, keys, values).to(query.dtype))
-        else:
-            rows.append(decode_attention(q, keys, values, index, state.cfg).to(query.dtype))
-    return torch.stack(rows).unsqueeze(1), None
+    for b, row in enumerate(rows):
+        state.indexes[b] = _advance(state, state.indexes[b], row)
+    if kernels:
+        out = _kernel_step(state, query[:, :, 0].contiguous(), key, rows)
+    else:
+        out = torch.stack(
+            [_reference_step(state, query[b, :, 0], row, state.indexes[b]) for b, row in enumerate(rows)]
+        )
+    return out.unsqueeze(1), None
 
 
 def register() -> None:
@@ -114,24 +150,62 @@ def _valid_keys(attention_mask, batch: int, seq: int, device) -> torch.Tensor:
     return last if last.dtype == torch.bool else last == 0
 
 
-def _fresh_index(state: _LayerState, keys: torch.Tensor, values: torch.Tensor) -> ClusterIndex | None:
-    if keys.shape[1] < max(state.cfg.dense_below, 1):
+def _kernel_path(cfg: MultipoleConfig, device: torch.device) -> bool:
+    """Decode through mp_kernels: with decode_path "kernels", or "auto" on CUDA for a flat index."""
+    if cfg.decode_path == "kernels" and cfg.levels != 1:
+        raise ValueError("the kernel decode path serves flat indexes (levels=1); use decode_path=reference")
+    if cfg.decode_path == "auto":
+        return device.type == "cuda" and cfg.levels == 1
+    return cfg.decode_path == "kernels"
+
+
+def _slot_kv(state: _LayerState, key: torch.Tensor) -> SlotKV:
+    """The layer's kernel-side copy of the cache, made anew for another batch, dtype or device."""
+    batch, heads, _, dim = key.shape
+    if state.kv is None or not state.kv.holds(key):
+        state.kv = SlotKV(batch, heads, dim, key.dtype, key.device)
+    return state.kv
+
+
+def _kernel_step(state: _LayerState, q: torch.Tensor, key: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """`[B, Hq, d]`: the step's token joins each row's slots, then one batched kernel call."""
+    kv = _slot_kv(state, key)
+    for b, row in enumerate(rows):
+        if kv.lengths[b] == row.seq - 1:
+            kv.append(b, *row.newest())
+        else:
+            kv.write(b, *row.whole())
+    rope = state.rope if state.cfg.windowed_rope else None
+    return kernel_decode(q, kv, state.indexes, state.packed, state.cfg, rope, KERNEL_BACKEND)
+
+
+def _reference_step(
+    state: _LayerState, q: torch.Tensor, row: _Row, index: ClusterIndex | None
+) -> torch.Tensor:
+    """`[Hq, d]` for one row with the plain-PyTorch reference (re-reads the row's whole cache)."""
+    keys, values = row.whole()
+    if index is None:
+        return dense_attention(q, keys, values).to(q.dtype)
+    return decode_attention(q, keys, values, index, state.cfg).to(q.dtype)
+
+
+def _fresh_index(state: _LayerState, row: _Row) -> ClusterIndex | None:
+    if row.seq < max(state.cfg.dense_below, 1):
         return None
+    keys, values = row.whole()
     return build_index(keys.float(), values.float(), state.cfg, rope=state.rope)
 
 
-def _advance(
-    state: _LayerState, index: ClusterIndex | None, keys: torch.Tensor, values: torch.Tensor
-) -> ClusterIndex | None:
+def _advance(state: _LayerState, index: ClusterIndex | None, row: _Row) -> ClusterIndex | None:
     """Bring a row's index up to date with its cache: fold in the new token, or build once when due."""
-    seq = keys.shape[1]
-    if index is not None and index.num_tokens == seq - 1:
-        return update_index(index, keys[:, -1:].float(), values[:, -1:].float(), state.cfg)
+    if index is not None and index.num_tokens == row.seq - 1:
+        keys, values = row.newest()
+        return update_index(index, keys.float(), values.float(), state.cfg)
     if index is not None:
         log.warning(
-            "multipole: index covers %d tokens but the cache has %d; rebuilding", index.num_tokens, seq
+            "multipole: index covers %d tokens but the cache has %d; rebuilding", index.num_tokens, row.seq
         )
-    return _fresh_index(state, keys, values)
+    return _fresh_index(state, row)
 
 
 register()
