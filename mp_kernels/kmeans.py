@@ -326,7 +326,7 @@ def _assign_kernel(
         if IEEE:
             dots = tl.dot(pts.to(tl.float32), tl.trans(cent.to(tl.float32)), input_precision="ieee")
         else:
-            dots = tl.dot(pts.to(cent.dtype), tl.trans(cent))
+            dots = tl.dot(pts, tl.trans(cent.to(pts.dtype)))  # bf16/fp16 tensor cores; norms stay fp32
         dist = tl.where(k_valid[None, :], norms[None, :] - 2.0 * dots, float("inf"))
         tile_best = tl.min(dist, axis=1)
         tile_id = tl.argmin(dist, axis=1).to(tl.int32) + k0

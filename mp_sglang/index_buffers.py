@@ -89,9 +89,9 @@ class IndexBuffers:
             rows = slice(row, row + clusters)
             self.centroids[rows] = level.centroids.transpose(0, 1)
             self.value_centroids[rows] = level.value_centroids.transpose(0, 1)
-            counts = level.counts.t().to(torch.int32)
-            self.counts[rows] = counts
-            self.member_start[rows] = member + torch.cumsum(counts, 0, dtype=torch.int32) - counts
+            counts = level.counts.to(torch.int32)  # [H, C]: scanned along its last dim, the fast one
+            self.counts[rows] = counts.t()
+            self.member_start[rows] = (member + torch.cumsum(counts, -1, dtype=torch.int32) - counts).t()
             order = torch.sort(level.labels, dim=-1, stable=True).indices
             self.members[member : member + clustered] = (order + index.start).t()
             per_row[:, b] = torch.tensor([row, clusters, index.recent_start])

@@ -7,7 +7,7 @@ rotation by a different angle: RoPE(x, a) rotated by b equals RoPE(x, a + b).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ class Rope:
 
     inv_freq: torch.Tensor
     neox: bool = True
+    _freqs_on: dict[str, torch.Tensor] = field(default_factory=dict, hash=False, compare=False, repr=False)
 
     @classmethod
     def standard(cls, head_dim: int, theta: float = 10000.0, neox: bool = True) -> Rope:
@@ -45,8 +46,16 @@ class Rope:
         Angles are formed in float64 whatever `dtype` is, so large positions keep their precision.
         """
         positions = torch.as_tensor(positions, device=device, dtype=torch.float64)
-        angles = positions.unsqueeze(-1) * self.inv_freq.to(device=device, dtype=torch.float64)
+        angles = positions.unsqueeze(-1) * self._freqs(positions.device)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def _freqs(self, device: torch.device) -> torch.Tensor:
+        """`inv_freq` in float64 on `device`, copied there once: a copy from the host per rotation
+        would make the host wait for the GPU (one stall per index fold)."""
+        freqs = self._freqs_on.get(str(device))
+        if freqs is None:
+            freqs = self._freqs_on[str(device)] = self.inv_freq.to(device=device, dtype=torch.float64)
+        return freqs
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate `x[..., n, d]` by precomputed `cos_sin` (a batch reuses them for every layer)."""
