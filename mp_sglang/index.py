@@ -30,6 +30,12 @@ from mp_sglang.rope import Rope
 KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
+def build_due(index: ClusterIndex | None, seq_len: int) -> bool:
+    """Whether a decode step over `seq_len` cached tokens needs this index built afresh: there is
+    none, or it covers more tokens than came before the step (the cache was cut or replaced)."""
+    return index is None or index.num_tokens > seq_len - 1
+
+
 def fold_due(index: ClusterIndex, seq_len: int, cfg: MultipoleConfig) -> bool:
     """Whether a cache of `seq_len` tokens has outgrown the index's recent window (see `update_index`)."""
     return seq_len - index.recent_start >= cfg.recent_window + cfg.update_block
@@ -131,7 +137,7 @@ class IndexTable:
                 entry = self._entries[want.row] = _Entry(want.generation)
             index = entry.layers.get(want.layer_id)
             before = want.seq_len - 1
-            if index is None or index.num_tokens > before:
+            if build_due(index, want.seq_len):
                 make = partial(_build_steps, want.read, before, cfg, rope)
                 jobs.append(_Job(entry, want.layer_id, make, before))
             elif fold_due(index, before, cfg):
@@ -147,10 +153,20 @@ class IndexTable:
         self, row: int, generation: int, layer_id: int, seq_len: int, cfg: MultipoleConfig
     ) -> bool:
         """Whether `ensure` would build, rebuild or fold this row's index for a step over `seq_len`."""
+        index = self.current(row, generation, layer_id)
+        return build_due(index, seq_len) or fold_due(index, seq_len - 1, cfg)
+
+    def current(self, row: int, generation: int, layer_id: int) -> ClusterIndex | None:
+        """The index held for this request's layer, as it is (None if there is none)."""
         entry = self._entries.get(row)
-        index = entry.layers.get(layer_id) if entry is not None and entry.generation == generation else None
-        before = seq_len - 1
-        return index is None or index.num_tokens > before or fold_due(index, before, cfg)
+        return entry.layers.get(layer_id) if entry is not None and entry.generation == generation else None
+
+    def put(self, row: int, generation: int, layer_id: int, index: ClusterIndex) -> None:
+        """Hold `index` for this request's layer (an index made elsewhere, e.g. stacked)."""
+        entry = self._entries.get(row)
+        if entry is None or entry.generation != generation:
+            entry = self._entries[row] = _Entry(generation)
+        entry.layers[layer_id] = index
 
     def __len__(self) -> int:
         """Rows currently holding an index."""

@@ -28,14 +28,17 @@ from mp_kernels.decode import multipole_decode
 from mp_kernels.kmeans import solve_batched
 from mp_kernels.layout import PagedKV
 from mp_sglang.config import MultipoleConfig
-from mp_sglang.index import IndexTable, IndexWant, KVReader
+from mp_sglang.index import IndexTable, IndexWant, KVReader, build_due
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
 from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Solver, run
-from mp_sglang.reference import build_index_steps, update_index_steps
+from mp_sglang.reference import ClusterIndex, build_index_steps, heads_of, stack_heads, update_index_steps
 from mp_sglang.rope import Rope
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
+
+
+ALL_LAYERS = -1  # the IndexTable layer key of a request's index over the heads of all layers
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class KernelDecoder:
         self.batch = 0
         self.all_queries = False
         self._held: tuple[tuple[int, int, bool], ...] = ()
+        self.heads = heads
+        self._views: dict[int, tuple[ClusterIndex, dict[int, ClusterIndex]]] = {}
         if self.device.type == "cuda":
             self._compile_upkeep_kernels(heads, dim)
 
@@ -182,22 +187,65 @@ class KernelDecoder:
         self._staging.upload(ints, rotation, self.ints, self.rotation)
 
     def _upkeep_due(self, row: MethodRow) -> bool:
-        """Whether the row's index must be built, rebuilt or folded (the same for every layer)."""
-        return self.table.upkeep_due(row.req, row.generation, self.layer_ids[0], row.seq_len, self.cfg)
+        """Whether the row's index must be built, rebuilt or folded."""
+        return self.table.upkeep_due(row.req, row.generation, ALL_LAYERS, row.seq_len, self.cfg)
 
     def _upkeep(self, rows: list[MethodRow]) -> None:
-        """Bring every layer's index of every row up to date, all builds and folds in one batched
-        k-means per round (`IndexTable.ensure_many`), and repack the layers' buffers."""
+        """Bring every row's index up to date and repack the layers' buffers.
+
+        A request holds one index over the heads of all its layers (`reference.stack_heads`):
+        layers share their tokens and blocks, so one fold serves all of them. Builds run layer by
+        layer, which bounds the float32 copies held at once, and are stacked afterwards; the folds
+        of all rows then run in one batched k-means per round (`IndexTable.ensure_many`).
+        """
         indexed = [row for row in rows if row.indexed]
+        self._build_missing(indexed)
         wants = [
-            IndexWant(row.req, row.generation, lid, row.seq_len, self._reader(row.req, lid))
-            for lid in self.layer_ids
+            IndexWant(row.req, row.generation, ALL_LAYERS, row.seq_len, self._reader(row.req, self.layer_ids))
             for row in indexed
         ]
         found = iter(self.table.ensure_many(wants, self.cfg, self.rope, self.solve))
-        for lid in self.layer_ids:
-            indexes = [next(found) if row.indexed else None for row in rows]
+        stacked = [next(found) if row.indexed else None for row in rows]
+        self._views = {req: views for req, views in self._views.items() if req in {r.req for r in indexed}}
+        for i, lid in enumerate(self.layer_ids):
+            heads = slice(i * self.heads, (i + 1) * self.heads)
+            indexes = [
+                None if index is None else self._layer_view(row.req, index, heads)
+                for row, index in zip(rows, stacked, strict=True)
+            ]
             self.buffers[lid].fill(indexes, self.cfg.sink_tokens)
+
+    def _build_missing(self, rows: list[MethodRow]) -> None:
+        """Build the stacked index of every row that has none (or one the cache no longer holds)."""
+        fresh = [
+            row
+            for row in rows
+            if build_due(self.table.current(row.req, row.generation, ALL_LAYERS), row.seq_len)
+        ]
+        if not fresh:
+            return
+        scratch = IndexTable(self.table.num_rows)
+        wants = [
+            IndexWant(row.req, row.generation, lid, row.seq_len, self._reader(row.req, [lid]))
+            for row in fresh
+            for lid in self.layer_ids
+        ]
+        built = scratch.ensure_many(wants, self.cfg, self.rope, self.solve)
+        for row in fresh:  # stack row by row, letting go of each row's parts as it goes
+            parts = [built.pop(0) for _ in self.layer_ids]
+            scratch.drop([row.req])
+            self.table.put(row.req, row.generation, ALL_LAYERS, stack_heads(parts))
+
+    def _layer_view(self, req: int, index: ClusterIndex, heads: slice) -> ClusterIndex:
+        """One layer's part of a row's stacked index, the same object while the index is unchanged
+        (so `IndexBuffers.fill` skips layers whose indexes it already holds)."""
+        cached = self._views.get(req)
+        if cached is None or cached[0] is not index:
+            cached = self._views[req] = (index, {})
+        views = cached[1]
+        if heads.start not in views:
+            views[heads.start] = heads_of(index, heads)
+        return views[heads.start]
 
     def _solve_batched(self, tasks: Sequence[KMeansTask]) -> list[KMeansResult]:
         """Index k-means in the cache's dtype (bf16: tensor-core assignment), means in fp32."""
@@ -219,14 +267,18 @@ class KernelDecoder:
         keys = torch.randn(heads, 128, dim, device=self.device)
         values = torch.randn_like(keys)
         index = run(build_index_steps(keys[:, :96], values[:, :96], tiny, rope=self.rope), self.solve)
-        run(update_index_steps(index, keys[:, 96:], values[:, 96:], tiny), self.solve)  # warm and fresh folds
+        stacked = stack_heads([index] * len(self.layer_ids))  # folds run over all layers' heads
+        new_keys, new_values = (t[:, 96:].repeat(len(self.layer_ids), 1, 1) for t in (keys, values))
+        run(update_index_steps(stacked, new_keys, new_values, tiny), self.solve)  # warm and fresh folds
 
-    def _reader(self, req: int, layer_id: int) -> KVReader:
+    def _reader(self, req: int, layer_ids: Sequence[int]) -> KVReader:
+        """Keys and values of `req`'s tokens in the pool, the heads of `layer_ids` stacked in order."""
+
         def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
             slots = self.req_to_token[req, start:end].long()
-            keys = self.kv_pool.get_key_buffer(layer_id)[slots].transpose(0, 1)
-            values = self.kv_pool.get_value_buffer(layer_id)[slots].transpose(0, 1)
-            return keys, values
+            keys = torch.cat([self.kv_pool.get_key_buffer(lid)[slots] for lid in layer_ids], dim=1)
+            values = torch.cat([self.kv_pool.get_value_buffer(lid)[slots] for lid in layer_ids], dim=1)
+            return keys.transpose(0, 1), values.transpose(0, 1)
 
         return read
 

@@ -8,8 +8,8 @@ as sglang's (`[slots, H_kv, d]` K/V per layer, `req_to_token`), filled with rand
 step builds every request's index (timed apart); the next steps are timed with a synchronize
 after each, then a few more run under torch.profiler, whose table (host time per op) is printed.
 The step that folds `update_block` new tokens into every index is timed and profiled too. With
-`--compare-upkeep`, the first step and the fold are timed again on fresh indexes with index k-means
-run request by request and layer by layer (`kmeans_tasks.solve_each`), side by side.
+`--compare-upkeep`, the first step and the fold are timed again on fresh indexes with the index
+k-means solved task by task (`kmeans_tasks.solve_each`) instead of batched, side by side.
 """
 
 from __future__ import annotations
@@ -113,14 +113,14 @@ def main() -> None:
         if dev.type == "cuda"
         else None
     )
-    one_by_one = {}
+    with_solve_each = {}
     if args.compare_upkeep:
         del decoder
         decoder = make_decoder()
         decoder.solve = solve_each
-        one_by_one = {
-            "first_step_with_index_build_s_one_by_one": timed(args.context),
-            "fold_step_ms_one_by_one": 1000 * timed(args.context + cfg.update_block),
+        with_solve_each = {
+            "first_step_with_index_build_s_solve_each": timed(args.context),
+            "fold_step_ms_solve_each": 1000 * timed(args.context + cfg.update_block),
         }
     result = {
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
@@ -131,7 +131,7 @@ def main() -> None:
         "per_layer_ms_median": 1000 * statistics.median(times) / args.layers,
         "graph_replay_ms_per_step": graph_ms,
         "fold_step_ms": fold_ms,
-        **one_by_one,
+        **with_solve_each,
     }
     print(table)
     print(fold_table)
@@ -174,7 +174,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=0.02)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=30, help="profiler table rows")
-    ap.add_argument("--compare-upkeep", action="store_true", help="also time index upkeep one by one")
+    ap.add_argument("--compare-upkeep", action="store_true", help="also time index upkeep with solve_each")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (torch references)")
     ap.add_argument("--out", type=Path, default=Path("profile_decode_path.json"))
     return ap.parse_args()

@@ -14,8 +14,10 @@ from mp_sglang.reference import (
     decode_attention,
     decode_view,
     dense_attention,
+    heads_of,
     lookup,
     masked_attention,
+    stack_heads,
     update_index,
 )
 from mp_sglang.rope import Rope
@@ -329,3 +331,38 @@ def test_decode_view_of_a_lagging_index_equals_the_updated_index(generator):
     assert torch.allclose(via_view, decode_attention(q, keys, values, updated, cfg), atol=1e-6)
     with pytest.raises(ValueError, match="more than"):
         decode_view(updated, 299)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_stacked_heads_give_back_each_part_and_fold_as_one(generator, levels):
+    """Indexes of the same tokens (two layers) stacked along heads: each part comes back intact,
+    decoding through a part equals decoding through its own index, and the stacked index folds
+    and decodes like any index (full budget: dense)."""
+    cfg = MultipoleConfig(token_budget=0.1, levels=levels, **SMALL)
+    rope = Rope.standard(16)
+    layers = [clustered_kv(2, 600, 16, 6, generator) for _ in range(2)]
+    parts = [build_index(k[:, :500], v[:, :500], cfg, rope=rope) for k, v in layers]
+    stacked = stack_heads(parts)
+    q = torch.randn(4, 16, generator=generator)
+    for i, ((keys, values), part) in enumerate(zip(layers, parts, strict=True)):
+        view = heads_of(stacked, slice(2 * i, 2 * i + 2))
+        for got, want in zip(view.levels, part.levels, strict=True):
+            assert torch.equal(got.centroids, want.centroids) and torch.equal(got.labels, want.labels)
+        assert torch.equal(view.window_keys, part.window_keys)
+        got = decode_attention(q, keys[:, :500], values[:, :500], view, cfg)
+        assert torch.equal(got, decode_attention(q, keys[:, :500], values[:, :500], part, cfg))
+    all_keys = torch.cat([k for k, _ in layers])
+    all_values = torch.cat([v for _, v in layers])
+    folded = update_index(stacked, all_keys[:, 500:], all_values[:, 500:], cfg)
+    assert folded.num_clustered > stacked.num_clustered and folded.window_keys.shape[0] == 4
+    full = MultipoleConfig(token_budget=10_000, levels=levels, **SMALL)
+    for i, (keys, values) in enumerate(layers):
+        out = decode_attention(q, keys, values, heads_of(folded, slice(2 * i, 2 * i + 2)), full)
+        assert torch.allclose(out, dense_attention(q, keys, values), atol=1e-5)
+
+
+def test_stacking_refuses_indexes_of_different_tokens(generator):
+    cfg = MultipoleConfig(**SMALL)
+    keys, values = clustered_kv(2, 600, 16, 6, generator)
+    with pytest.raises(ValueError, match="same tokens"):
+        stack_heads([build_index(keys[:, :500], values[:, :500], cfg), build_index(keys, values, cfg)])

@@ -23,7 +23,14 @@ from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.index import fold_due
 from mp_sglang.plugin import create_backend
-from mp_sglang.reference import build_index, decode_attention, decode_view, update_index
+from mp_sglang.reference import (
+    build_index,
+    decode_attention,
+    decode_view,
+    heads_of,
+    stack_heads,
+    update_index,
+)
 
 HEADS_Q, HEADS_KV, DIM, LAYERS = 4, 2, 16, 2
 
@@ -203,28 +210,54 @@ class Rig:
 
 
 class Replay:
-    """The index a request should have, per layer, by the rule the backend follows: built at the
-    first decode-like step after a prefill over the tokens before that step's own, then folded
-    whenever its recent window is due; every token past the index is attended exactly."""
+    """The index a request should have by the rule the backend follows: built at the first
+    decode-like step after a prefill over the tokens before that step's own, then folded whenever
+    its recent window is due; every token past the index is attended exactly.
+
+    The reference decode path keeps an index per layer. The kernel path (decode_path=kernels)
+    builds per layer and then keeps one index over the heads of all layers (`stack_heads`), whose
+    folds draw their random numbers over all those heads: replayed the same way here.
+    """
 
     def __init__(self, cfg: MultipoleConfig, rope=None) -> None:
         self.cfg, self.rope, self.indexes = cfg, rope, {}
+        self.stacked = cfg.decode_path == "kernels"
 
     def reset(self, request) -> None:
-        for layer in range(LAYERS):
-            self.indexes.pop((request.row, layer), None)
+        for key in [key for key in self.indexes if key[0] == request.row]:
+            del self.indexes[key]
 
     def decode(self, request, query: torch.Tensor, layer: int) -> torch.Tensor:
         keys, values = request.keys[layer], request.values[layer]
+        if self.stacked:
+            heads = keys.shape[0]
+            index = heads_of(self._index(request, "all"), slice(layer * heads, (layer + 1) * heads))
+        else:
+            index = self._index(request, layer)
+        return decode_attention(query, keys, values, decode_view(index, keys.shape[1]), self.cfg)
+
+    def _index(self, request, part: int | str) -> object:
+        layers = range(LAYERS) if part == "all" else [part]
+        keys = torch.cat([request.keys[layer] for layer in layers])
+        values = torch.cat([request.values[layer] for layer in layers])
         before = keys.shape[1] - 1
-        index = self.indexes.get((request.row, layer))
+        index = self.indexes.get((request.row, part))
         if index is None:
-            index = build_index(keys[:, :before], values[:, :before], self.cfg, rope=self.rope)
+            parts = [
+                build_index(
+                    request.keys[layer][:, :before],
+                    request.values[layer][:, :before],
+                    self.cfg,
+                    rope=self.rope,
+                )
+                for layer in layers
+            ]
+            index = stack_heads(parts)
         elif fold_due(index, before, self.cfg):
             start = index.num_tokens
             index = update_index(index, keys[:, start:before], values[:, start:before], self.cfg)
-        self.indexes[(request.row, layer)] = index
-        return decode_attention(query, keys, values, decode_view(index, keys.shape[1]), self.cfg)
+        self.indexes[(request.row, part)] = index
+        return index
 
 
 def model_with_rope(monkeypatch: pytest.MonkeyPatch, **scaling: object) -> torch.nn.Module:

@@ -13,6 +13,7 @@ from _sglang_rig import LAYERS, Replay, Rig, set_config
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from mp_sglang.config import MultipoleConfig
+from mp_sglang.kernel_path import ALL_LAYERS
 from mp_sglang.reference import dense_attention
 
 TOL = 1e-4
@@ -39,8 +40,10 @@ def test_triton_kernels_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> N
     rig = Rig()
     rig.backend.kernels.kernel_backend = "triton"
     (first, _) = _decode_follows_reference(rig, (90, 130), steps=10)
-    index = rig.backend.table._entries[first.row].layers[0]
-    # Folded lazily: the index lags the cache between folds (the kernels attend the rest exactly).
+    index = rig.backend.table._entries[first.row].layers[ALL_LAYERS]
+    # One index over all layers' heads, folded lazily: it lags the cache between folds (the
+    # kernels attend the rest exactly).
+    assert index.window_keys.shape[0] == LAYERS * first.keys[0].shape[0]
     assert index.num_clustered > 0 and index.num_tokens < first.length
 
 
