@@ -42,9 +42,10 @@ class MultipoleConfig:
     rope_window: the fixed query position of the windowed-RoPE lookup frame.
     dense_below: contexts shorter than this decode densely; sparsity buys nothing there.
     seed: seeds the k-means initialisation, so that an index is reproducible.
-    decode_path: how a serving backend computes decode steps: "kernels" (mp_kernels, batched;
-        Triton on CUDA, their torch references elsewhere), "reference" (mp_sglang.reference, one
-        request at a time), or "auto" (kernels on CUDA, reference elsewhere).
+    decode_path: how the sglang backend and the transformers integration compute decode steps:
+        "kernels" (mp_kernels, batched; Triton on CUDA, their torch references elsewhere),
+        "reference" (mp_sglang.reference, one request at a time), or "auto" (kernels on CUDA,
+        reference elsewhere; transformers also needs levels=1 for the kernels).
     dense_backend: the sglang backend that computes prefill (and short or mixed rows): a name in
         sglang's attention registry, or "auto" (flashinfer on CUDA when installed, else triton;
         torch_native without CUDA).
