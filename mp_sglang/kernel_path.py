@@ -31,7 +31,7 @@ from mp_sglang.config import MultipoleConfig
 from mp_sglang.index import IndexTable, IndexWant, KVReader, build_due
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
 from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Solver, run
-from mp_sglang.reference import ClusterIndex, build_index_steps, heads_of, stack_heads, update_index_steps
+from mp_sglang.reference import build_index_steps, stack_heads, update_index_steps
 from mp_sglang.rope import Rope
 
 if TYPE_CHECKING:
@@ -136,9 +136,7 @@ class KernelDecoder:
             + 1,
         )
         heads, dim = keys.shape[1], keys.shape[2]
-        self.buffers = {
-            lid: IndexBuffers(self.capacity, heads, dim, keys.dtype, self.device) for lid in layer_ids
-        }
+        self.buffers = IndexBuffers(self.capacity, len(layer_ids), heads, dim, keys.dtype, self.device)
         self.index_bytes = len(layer_ids) * self.capacity.nbytes(heads, dim, keys.dtype)
         # Exact tokens of a row: everything below dense_below, else sinks + selected clusters (<= the
         # budget) + a recent window that grows to just under recent_window + update_block.
@@ -153,8 +151,6 @@ class KernelDecoder:
         self.batch = 0
         self.all_queries = False
         self._held: tuple[tuple[int, int, bool], ...] = ()
-        self.heads = heads
-        self._views: dict[int, tuple[ClusterIndex, dict[int, ClusterIndex]]] = {}
         if self.device.type == "cuda":
             self._compile_upkeep_kernels(heads, dim)
 
@@ -191,7 +187,7 @@ class KernelDecoder:
         return self.table.upkeep_due(row.req, row.generation, ALL_LAYERS, row.seq_len, self.cfg)
 
     def _upkeep(self, rows: list[MethodRow]) -> None:
-        """Bring every row's index up to date and repack the layers' buffers.
+        """Bring every row's index up to date and repack the buffers.
 
         A request holds one index over the heads of all its layers (`reference.stack_heads`):
         layers share their tokens and blocks, so one fold serves all of them. Builds run layer by
@@ -205,15 +201,7 @@ class KernelDecoder:
             for row in indexed
         ]
         found = iter(self.table.ensure_many(wants, self.cfg, self.rope, self.solve))
-        stacked = [next(found) if row.indexed else None for row in rows]
-        self._views = {req: views for req, views in self._views.items() if req in {r.req for r in indexed}}
-        for i, lid in enumerate(self.layer_ids):
-            heads = slice(i * self.heads, (i + 1) * self.heads)
-            indexes = [
-                None if index is None else self._layer_view(row.req, index, heads)
-                for row, index in zip(rows, stacked, strict=True)
-            ]
-            self.buffers[lid].fill(indexes, self.cfg.sink_tokens)
+        self.buffers.fill([next(found) if row.indexed else None for row in rows], self.cfg.sink_tokens)
 
     def _build_missing(self, rows: list[MethodRow]) -> None:
         """Build the stacked index of every row that has none (or one the cache no longer holds)."""
@@ -235,17 +223,6 @@ class KernelDecoder:
             parts = [built.pop(0) for _ in self.layer_ids]
             scratch.drop([row.req])
             self.table.put(row.req, row.generation, ALL_LAYERS, stack_heads(parts))
-
-    def _layer_view(self, req: int, index: ClusterIndex, heads: slice) -> ClusterIndex:
-        """One layer's part of a row's stacked index, the same object while the index is unchanged
-        (so `IndexBuffers.fill` skips layers whose indexes it already holds)."""
-        cached = self._views.get(req)
-        if cached is None or cached[0] is not index:
-            cached = self._views[req] = (index, {})
-        views = cached[1]
-        if heads.start not in views:
-            views[heads.start] = heads_of(index, heads)
-        return views[heads.start]
 
     def _solve_batched(self, tasks: Sequence[KMeansTask]) -> list[KMeansResult]:
         """Index k-means in the cache's dtype (bf16: tensor-core assignment), means in fp32."""
@@ -305,7 +282,7 @@ class KernelDecoder:
             queries,
             q_lookup,
             PagedKV(keys, values, self.req_to_token, table_rows, 1),
-            self.buffers[layer.layer_id].batch_index(batch, seq_lens, sink_len),
+            self.buffers.batch_index(self.layer_ids.index(layer.layer_id), batch, seq_lens, sink_len),
             budget,
             self.max_exact,
             level_budget_multiplier=self.cfg.level_budget_multiplier,

@@ -62,7 +62,7 @@ def test_decode_graph_replay_metadata_with_padding_rows(monkeypatch: pytest.Monk
     set_config(monkeypatch, token_budget=0.1, dense_below=100, decode_path="kernels")
     rig = Rig(rows=6)
     rig.backend.init_cuda_graph_state(max_bs=6, max_num_tokens=6)
-    buffers = rig.backend.kernels.buffers[0]
+    buffers = rig.backend.kernels.buffers
     addresses = (
         buffers.centroids.data_ptr(),
         buffers.members.data_ptr(),
