@@ -137,6 +137,9 @@ class KernelDecoder:
         )
         heads, dim = keys.shape[1], keys.shape[2]
         self.buffers = IndexBuffers(self.capacity, len(layer_ids), heads, dim, keys.dtype, self.device)
+        # A fold copies a request's window (final block + recent tokens) of every layer in float32,
+        # keys and values, about twice over; requests fold in groups of ~2 GiB of such copies.
+        self._fold_group_tokens = max(1, (2 << 30) // (len(layer_ids) * heads * dim * 16))
         self.index_bytes = len(layer_ids) * self.capacity.nbytes(heads, dim, keys.dtype)
         # Exact tokens of a row: everything below dense_below, else sinks + selected clusters (<= the
         # budget) + a recent window that grows to just under recent_window + update_block.
@@ -200,7 +203,7 @@ class KernelDecoder:
             IndexWant(row.req, row.generation, ALL_LAYERS, row.seq_len, self._reader(row.req, self.layer_ids))
             for row in indexed
         ]
-        found = iter(self.table.ensure_many(wants, self.cfg, self.rope, self.solve))
+        found = iter(self.table.ensure_many(wants, self.cfg, self.rope, self.solve, self._fold_group_tokens))
         self.buffers.fill([next(found) if row.indexed else None for row in rows], self.cfg.sink_tokens)
 
     def _build_missing(self, rows: list[MethodRow]) -> None:
