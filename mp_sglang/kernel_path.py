@@ -195,7 +195,7 @@ class KernelDecoder:
         A request holds one index over the heads of all its layers (`reference.stack_heads`):
         layers share their tokens and blocks, so one fold serves all of them. Builds run layer by
         layer, which bounds the float32 copies held at once, and are stacked afterwards; the folds
-        of all rows then run in one batched k-means per round (`IndexTable.ensure_many`).
+        due then run as batched k-means rounds (`IndexTable.ensure_many`, in memory-bounded groups).
         """
         indexed = [row for row in rows if row.indexed]
         self._build_missing(indexed)
