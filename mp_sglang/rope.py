@@ -22,7 +22,9 @@ class Rope:
 
     inv_freq: torch.Tensor
     neox: bool = True
-    _freqs_on: dict[str, torch.Tensor] = field(default_factory=dict, hash=False, compare=False, repr=False)
+    _freqs_on: dict[str, torch.Tensor] = field(
+        default_factory=dict, init=False, hash=False, compare=False, repr=False
+    )
 
     @classmethod
     def standard(cls, head_dim: int, theta: float = 10000.0, neox: bool = True) -> Rope:
