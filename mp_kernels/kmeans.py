@@ -228,24 +228,24 @@ def solve_batched(
 def _solve_segments(tasks, chosen, results, points_dtype, backend) -> None:
     """One `lloyd` over the tasks `chosen`, each one segment; fills their `results`."""
     group = [tasks[i] for i in chosen]
-    like = {"dtype": torch.int32, "device": group[0].points.device}
     sizes = [task.points.shape[1] for task in group]
     clusters = [task.init.shape[1] for task in group]
-    point_start = torch.tensor([0, *itertools.accumulate(sizes)][:-1], **like)
-    cluster_start = torch.tensor([0, *itertools.accumulate(clusters)][:-1], **like)
-    seg = (point_start, torch.tensor(sizes, **like), cluster_start)
+    point_starts = [0, *itertools.accumulate(sizes)][:-1]
+    cluster_starts = [0, *itertools.accumulate(clusters)][:-1]
+    host = torch.tensor([point_starts, sizes, cluster_starts, clusters], dtype=torch.int32)
+    point_start, num_points, cluster_start, num_clusters = clustering.to_device(host, group[0].points.device)
+    seg = (point_start, num_points, cluster_start)
     points = torch.cat([t.points.transpose(0, 1).to(points_dtype or t.points.dtype) for t in group])
     values = torch.cat([t.values.transpose(0, 1) for t in group])
     init = torch.cat([t.init.transpose(0, 1).float() for t in group])
     weights = None if group[0].weights is None else torch.cat([t.weights.t() for t in group])
     generators = [t.generator for t in group]
-    num_clusters = torch.tensor(clusters, **like)
     centroids, labels = lloyd(
         points, init, *seg, num_clusters, max(sizes), group[0].iters, generators, weights, backend
     )
     fallback = init.new_zeros(init.shape[0], init.shape[1], values.shape[2])
     value_means, totals = cluster_means(values, labels, *seg, fallback, max(sizes), weights, backend)
-    starts = zip(point_start.tolist(), cluster_start.tolist(), strict=True)
+    starts = zip(point_starts, cluster_starts, strict=True)
     for i, (ps, cs), n, k in zip(chosen, starts, sizes, clusters, strict=True):
         results[i] = KMeansResult(
             centroids=centroids[cs : cs + k].transpose(0, 1),

@@ -83,7 +83,7 @@ class MultipoleAttnBackend(AttentionBackend):
         self._last_decode: tuple[tuple[int, int], list[int], list[int]] | None = None
         self.kernels: KernelDecoder | None = None
         index_note = ""
-        if _use_kernels(self.cfg.decode_path, runner.device):
+        if self.cfg.decodes_with_kernels(runner.device):
             start = getattr(self.kv_pool, "start_layer", 0) or 0
             self.kernels = KernelDecoder(
                 self.cfg,
@@ -308,13 +308,6 @@ def _dense_name(setting: str, device: str) -> str:
 def _slices_of(keys: torch.Tensor, values: torch.Tensor):
     """A `KVReader` over keys/values already read from the pool."""
     return lambda start, end: (keys[:, start:end], values[:, start:end])
-
-
-def _use_kernels(decode_path: str, device: object) -> bool:
-    """The kernel path for "kernels", or for "auto" on CUDA (where Triton runs)."""
-    if decode_path == "auto":
-        return str(device).startswith("cuda")
-    return decode_path == "kernels"
 
 
 def _unsupported(runner: ModelRunner) -> str | None:

@@ -130,13 +130,13 @@ def seeded(seed: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + salt) % (1 << 63))
 
 
-def to_device(drawn: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host-drawn random indices onto `device` without waiting for the GPU's queue to drain.
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (random picks, per-row metadata) onto `device` without waiting for the
+    GPU's queue to drain.
 
-    A copy from pageable memory blocks the host until the stream catches up, once per k-means
-    block; a copy from pinned memory is queued instead (the host allocator keeps the buffer
-    until the copy has run).
+    A copy from pageable memory blocks the host until the stream catches up; a copy from pinned
+    memory is queued instead (the host allocator keeps the buffer until the copy has run).
     """
-    if device.type != "cuda":
-        return drawn.to(device)
-    return drawn.pin_memory().to(device, non_blocking=True)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

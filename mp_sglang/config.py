@@ -45,7 +45,7 @@ class MultipoleConfig:
     decode_path: how the sglang backend and the transformers integration compute decode steps:
         "kernels" (mp_kernels, batched; Triton on CUDA, their torch references elsewhere),
         "reference" (mp_sglang.reference, one request at a time), or "auto" (kernels on CUDA,
-        reference elsewhere; transformers also needs levels=1 for the kernels).
+        reference elsewhere). The kernels serve flat indexes only (levels=1).
     dense_backend: the sglang backend that computes prefill (and short or mixed rows): a name in
         sglang's attention registry, or "auto" (flashinfer on CUDA when installed, else triton;
         torch_native without CUDA).
@@ -100,12 +100,21 @@ class MultipoleConfig:
             raise ValueError(f"windowed_rope must be true or false; got {self.windowed_rope!r}")
         if self.decode_path not in DECODE_PATHS:
             raise ValueError(f"decode_path must be one of {DECODE_PATHS}; got {self.decode_path!r}")
+        if self.decode_path == "kernels" and self.levels != 1:
+            raise ValueError("decode_path=kernels serves flat indexes (levels=1); use decode_path=reference")
         capacity = self.index_capacity
         if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 64:
             raise ValueError(f"index_capacity must be a number in (0, 64]; got {capacity!r}")
         multiplier = self.level_budget_multiplier
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier < 1:
             raise ValueError(f"level_budget_multiplier must be a number >= 1; got {multiplier!r}")
+
+    def decodes_with_kernels(self, device: object) -> bool:
+        """Whether decode steps on `device` run the mp_kernels chain: "kernels" anywhere, "auto" on
+        CUDA (where Triton runs) for a flat index; the kernels do not serve hierarchies."""
+        if self.decode_path == "auto":
+            return str(device).startswith("cuda") and self.levels == 1
+        return self.decode_path == "kernels"
 
     def budget_tokens(self, context_len: int) -> int:
         """Exact-attention budget in tokens for a context of `context_len` tokens."""

@@ -78,7 +78,7 @@ def multipole_attention(module, query, key, value, attention_mask, scaling=None,
     rows = [_Row(key[b], value[b], valid[b], seq) for b, seq in enumerate(valid.sum(1).tolist())]
     if len(state.indexes) != batch:
         state.indexes = [None] * batch
-    kernels = _kernel_path(state.cfg, query.device)
+    kernels = state.cfg.decodes_with_kernels(query.device)
     if q_len > 1:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         for b, row in enumerate(rows):
@@ -148,15 +148,6 @@ def _valid_keys(attention_mask, batch: int, seq: int, device) -> torch.Tensor:
         return torch.ones(batch, seq, dtype=torch.bool, device=device)
     last = attention_mask[:, 0, -1, -seq:]
     return last if last.dtype == torch.bool else last == 0
-
-
-def _kernel_path(cfg: MultipoleConfig, device: torch.device) -> bool:
-    """Decode through mp_kernels: with decode_path "kernels", or "auto" on CUDA for a flat index."""
-    if cfg.decode_path == "kernels" and cfg.levels != 1:
-        raise ValueError("the kernel decode path serves flat indexes (levels=1); use decode_path=reference")
-    if cfg.decode_path == "auto":
-        return device.type == "cuda" and cfg.levels == 1
-    return cfg.decode_path == "kernels"
 
 
 def _slot_kv(state: _LayerState, key: torch.Tensor) -> SlotKV:

@@ -20,6 +20,7 @@ import torch
 
 from mp_kernels.decode import multipole_decode
 from mp_kernels.layout import BatchIndex, PagedKV, pack_indices
+from mp_sglang.clustering import to_device
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.reference import ClusterIndex, ClusterLevel, build_index
 from mp_sglang.rope import Rope
@@ -128,7 +129,7 @@ def kernel_decode(
         cfg.budget_tokens(n) if index.num_clustered else 0 for n, index in zip(lengths, indexes, strict=True)
     ]
     sinks = [min(index.start, n) for n, index in zip(lengths, indexes, strict=True)]
-    per_row = torch.tensor([lengths, sinks, budgets], dtype=torch.int32).to(q.device)
+    per_row = to_device(torch.tensor([lengths, sinks, budgets], dtype=torch.int32), q.device)
     # Exact tokens of a row: sinks + selected clusters (<= its budget) + its recent window.
     max_exact = max(
         s + b + max(0, n - index.recent_start)
@@ -153,6 +154,5 @@ def _lookup_query(
     """q in the index's frame: rotated from its position (the row's last) to `rope_window`."""
     if rope is None:
         return q
-    angles = torch.tensor([cfg.rope_window - (n - 1) for n in lengths], dtype=torch.float64)
-    cos, sin = rope.cos_sin(angles, q.device, torch.float32)
+    cos, sin = (to_device(t, q.device) for t in rope.query_frame(lengths, cfg.rope_window, "cpu"))
     return rope.apply(q.float(), cos.unsqueeze(1), sin.unsqueeze(1)).to(q.dtype)

@@ -132,9 +132,7 @@ class IndexTable:
         for want in wants:
             if not 0 <= want.row < self.num_rows:
                 raise IndexError(f"req_pool_idx {want.row} outside the table of {self.num_rows} rows")
-            entry = self._entries.get(want.row)
-            if entry is None or entry.generation != want.generation:
-                entry = self._entries[want.row] = _Entry(want.generation)
+            entry = self._entry(want.row, want.generation)
             index = entry.layers.get(want.layer_id)
             before = want.seq_len - 1
             if build_due(index, want.seq_len):
@@ -163,10 +161,14 @@ class IndexTable:
 
     def put(self, row: int, generation: int, layer_id: int, index: ClusterIndex) -> None:
         """Hold `index` for this request's layer (an index made elsewhere, e.g. stacked)."""
+        self._entry(row, generation).layers[layer_id] = index
+
+    def _entry(self, row: int, generation: int) -> _Entry:
+        """The row's entry for this request, a fresh one if the row served another before."""
         entry = self._entries.get(row)
         if entry is None or entry.generation != generation:
             entry = self._entries[row] = _Entry(generation)
-        entry.layers[layer_id] = index
+        return entry
 
     def __len__(self) -> int:
         """Rows currently holding an index."""

@@ -106,10 +106,6 @@ class KernelDecoder:
         table: IndexTable,
         rope: Rope | None,
     ) -> None:
-        if cfg.levels != 1:
-            raise ValueError(
-                "the kernel decode path serves flat indexes (levels=1); use decode_path=reference"
-            )
         self.cfg = cfg
         self.req_to_token = req_to_token
         self.kv_pool = kv_pool
@@ -181,8 +177,8 @@ class KernelDecoder:
         ]
         rotation = None
         if self.rope is not None:
-            angles = torch.tensor([cfg.rope_window - (row.seq_len - 1) for row in rows], dtype=torch.float64)
-            rotation = torch.stack(self.rope.cos_sin(angles, "cpu", torch.float32))
+            seq_lens = [row.seq_len for row in rows]
+            rotation = torch.stack(self.rope.query_frame(seq_lens, cfg.rope_window, "cpu"))
         self._staging.upload(ints, rotation, self.ints, self.rotation)
 
     def _upkeep_due(self, row: MethodRow) -> bool:

@@ -51,6 +51,14 @@ class Rope:
         angles = positions.unsqueeze(-1) * self._freqs(positions.device)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
+    def query_frame(
+        self, seq_lens: list[int], window: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin `[B, d/2]` that move each decode query (at the last position of a cache of
+        `seq_lens[b]` tokens) to position `window`, the windowed-RoPE lookup frame."""
+        angles = torch.tensor([window - (n - 1) for n in seq_lens], dtype=torch.float64)
+        return self.cos_sin(angles, device, torch.float32)
+
     def _freqs(self, device: torch.device) -> torch.Tensor:
         """`inv_freq` in float64 on `device`, copied there once: a copy from the host per rotation
         would make the host wait for the GPU (one stall per index fold)."""

@@ -75,3 +75,13 @@ def test_from_env_rejects_bad_settings(env, message):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="budgett"):
         MultipoleConfig.from_dict({"budgett": 3})
+
+
+def test_decode_path_picks_the_kernels_for_flat_indexes():
+    assert MultipoleConfig().decodes_with_kernels("cuda:0")
+    assert not MultipoleConfig().decodes_with_kernels("cpu")
+    assert not MultipoleConfig(levels=2).decodes_with_kernels("cuda")  # hierarchies: the reference
+    assert MultipoleConfig(decode_path="kernels").decodes_with_kernels("cpu")
+    assert not MultipoleConfig(decode_path="reference").decodes_with_kernels("cuda")
+    with pytest.raises(ValueError, match="flat indexes"):
+        MultipoleConfig(decode_path="kernels", levels=2)
