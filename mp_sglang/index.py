@@ -9,8 +9,13 @@ requests come and go.
 
 One `ClusterIndex` per (row, layer), built or brought up to date from the keys in the pool on
 demand, on the pool's device. Both decode paths use it; the kernel path (`mp_sglang.kernel_path`)
-also keeps a packed copy per layer for the kernels, and asks for all layers and requests of a
-step at once (`ensure_many`), so their builds and folds run as a few batched k-means rounds.
+keeps one index per request over all layers' heads, packs it for the kernels, and asks for all
+requests of a step at once (`ensure_many`), so their builds and folds run as a few batched
+k-means rounds.
+
+Indexes are held without their window copies (`reference.without_window`); a fold reads the
+window back from the pool, which holds those tokens anyway. The copies (float32, up to 1.5
+k-means blocks of every head) would otherwise be most of a long request's index memory.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ import torch
 
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.kmeans_tasks import Solver, Steps, drive, solve_each
-from mp_sglang.reference import ClusterIndex, build_index_steps, update_index_steps
+from mp_sglang.reference import (
+    ClusterIndex,
+    build_index_steps,
+    update_index_steps,
+    update_windowless_index_steps,
+    without_window,
+)
 from mp_sglang.rope import Rope
 
 KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -144,7 +155,7 @@ class IndexTable:
         for group in _groups(jobs, group_tokens):
             indexes = drive([job.make_steps() for job in group], solve)
             for job, index in zip(group, indexes, strict=True):
-                job.entry.layers[job.layer_id] = index
+                job.entry.layers[job.layer_id] = without_window(index)
         return [self._entries[want.row].layers[want.layer_id] for want in wants]
 
     def upkeep_due(
@@ -161,7 +172,7 @@ class IndexTable:
 
     def put(self, row: int, generation: int, layer_id: int, index: ClusterIndex) -> None:
         """Hold `index` for this request's layer (an index made elsewhere, e.g. stacked)."""
-        self._entry(row, generation).layers[layer_id] = index
+        self._entry(row, generation).layers[layer_id] = without_window(index)
 
     def _entry(self, row: int, generation: int) -> _Entry:
         """The row's entry for this request, a fresh one if the row served another before."""
@@ -201,7 +212,11 @@ def _build_steps(read: KVReader, end: int, cfg: MultipoleConfig, rope: Rope | No
 
 
 def _fold_steps(index: ClusterIndex, read: KVReader, end: int, cfg: MultipoleConfig) -> Steps[ClusterIndex]:
-    return update_index_steps(index, *read(index.num_tokens, end), cfg)
+    """Fold an index held without its window: one read of the pool from the window's first token
+    gives the window back and the new tokens."""
+    if index.window_start > index.num_tokens:  # the sinks are not full: no window to read back
+        return update_index_steps(index, *read(index.num_tokens, end), cfg)
+    return update_windowless_index_steps(index, *read(index.window_start, end), cfg)
 
 
 def _groups(jobs: list[_Job], cap: int) -> Iterator[list[_Job]]:

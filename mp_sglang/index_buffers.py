@@ -10,12 +10,19 @@ these buffers stays valid, and the index memory cannot grow as requests come and
 of all layers) into the buffers; a request with no index (its context is below `dense_below`, or
 it is a padding row of a CUDA graph) gets no clusters and a recent window that starts right after
 the sinks, so every one of its tokens is attended exactly.
+
+A fold changes only a request's final k-means block, so when the same requests come back folded
+`fill` rewrites only what follows the block that was final before (clusters, counts, member
+offsets and a sort of those tokens' labels), not the whole context. For that a full pack leaves
+each request room to grow, the buffers' free rows shared out evenly; a request that outgrows its
+room, or any change of the batch's requests, packs everything again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +47,23 @@ class IndexCapacity:
             + self.member_rows * heads * 4
             + self.rows * 12
         )
+
+
+class _Slot(NamedTuple):
+    """Where a request's index lives in the buffers: its first cluster row and member row, and how
+    many of each it may fill before it must be packed again."""
+
+    cluster_row: int
+    cluster_room: int
+    member_row: int
+    member_room: int
+
+
+class _Kept(NamedTuple):
+    """The leading clusters and clustered tokens of a folded index that are packed already."""
+
+    clusters: int
+    tokens: int
 
 
 class IndexBuffers:
@@ -71,53 +95,135 @@ class IndexBuffers:
         # cluster_start, num_clusters, recent_start per request row, filled in one copy.
         self.per_row = torch.zeros(3, cap.rows, dtype=torch.int32, device=device)
         self.packed: tuple[ClusterIndex | None, ...] = ()
+        self._slots: list[_Slot] = []
+        self._per_row_host = torch.zeros(3, 0, dtype=torch.int32)
 
-    def fill(self, indexes: Sequence[ClusterIndex | None], sink_tokens: int) -> None:
-        """Pack `indexes` (batch order) into the buffers, unless exactly these are packed already."""
+    def fill(
+        self,
+        indexes: Sequence[ClusterIndex | None],
+        sink_tokens: int,
+        grown_from: Sequence[ClusterIndex | None] | None = None,
+    ) -> None:
+        """Pack `indexes` (batch order) into the buffers, unless exactly these are packed already.
+
+        `grown_from[b]`, when given, is the index that `indexes[b]` was folded from
+        (`reference.update_index`): if that is what row b holds now, only its tail is rewritten.
+        """
         if len(indexes) == len(self.packed) and all(
             a is b for a, b in zip(indexes, self.packed, strict=True)
         ):
             return
+        tails = self._tails(indexes, grown_from)
+        if tails is None:
+            self._pack(indexes, sink_tokens)
+        else:
+            for b, kept in tails:
+                index = indexes[b]
+                self._write(self._slots[b], index, kept)
+                self._per_row_host[1:, b] = torch.tensor(
+                    [index.levels[0].centroids.shape[1], index.recent_start]
+                )
+            self.per_row[:, : len(indexes)].copy_(self._per_row_host)
+        self.packed = tuple(indexes)
+
+    def _tails(
+        self, indexes: Sequence[ClusterIndex | None], grown_from: Sequence[ClusterIndex | None] | None
+    ) -> list[tuple[int, _Kept]] | None:
+        """The rows to rewrite in part and what each keeps, or None when everything must be packed."""
+        if grown_from is None or len(indexes) != len(self.packed):
+            return None
+        tails = []
+        for b, (index, old, held) in enumerate(zip(indexes, grown_from, self.packed, strict=True)):
+            if index is held:
+                continue
+            if old is None or old is not held or index is None:
+                return None
+            kept = _kept_after_fold(old, index)
+            slot = self._slots[b]
+            level = index.levels[0]
+            if (
+                kept is None
+                or level.centroids.shape[1] > slot.cluster_room
+                or level.labels.shape[1] > slot.member_room
+            ):
+                return None
+            tails.append((b, kept))
+        return tails
+
+    def _pack(self, indexes: Sequence[ClusterIndex | None], sink_tokens: int) -> None:
+        """Lay every request out afresh: its index, then its share of the free rows as room to grow."""
         cap = self.capacity
         if len(indexes) > cap.rows:
             raise RuntimeError(f"multipole: a batch of {len(indexes)} requests; the index holds {cap.rows}")
+        sizes = [self._size(index) for index in indexes]
+        clusters = sum(c for c, _ in sizes)
+        clustered = sum(m for _, m in sizes)
+        if clusters > cap.cluster_rows or clustered > cap.member_rows:
+            raise RuntimeError(
+                "multipole: the batch's cluster index outgrew its preallocated buffers "
+                f"({cap.cluster_rows} clusters, {cap.member_rows} tokens per layer); raise "
+                "MULTIPOLE_INDEX_CAPACITY (requests sharing long prefixes need more than 1)"
+            )
+        share = max(1, sum(index is not None for index in indexes))
+        spare_clusters = (cap.cluster_rows - clusters) // share
+        spare_members = (cap.member_rows - clustered) // share
         per_row = torch.zeros(3, len(indexes), dtype=torch.int32)
+        slots = []
         row = member = 0
-        for b, index in enumerate(indexes):
+        for b, (index, (c, m)) in enumerate(zip(indexes, sizes, strict=True)):
             if index is None:
                 per_row[:, b] = torch.tensor([row, 0, sink_tokens])
+                slots.append(_Slot(row, 0, member, 0))
                 continue
-            level = index.levels[0]
-            if level.centroids.shape[0] != self.layers * self.heads:
-                raise ValueError(
-                    f"an index of {level.centroids.shape[0]} heads; the buffers hold "
-                    f"{self.layers} layers x {self.heads} heads"
-                )
-            clusters, clustered = level.centroids.shape[1], level.labels.shape[1]
-            if row + clusters > cap.cluster_rows or member + clustered > cap.member_rows:
-                raise RuntimeError(
-                    "multipole: the batch's cluster index outgrew its preallocated buffers "
-                    f"({cap.cluster_rows} clusters, {cap.member_rows} tokens per layer); raise "
-                    "MULTIPOLE_INDEX_CAPACITY (requests sharing long prefixes need more than 1)"
-                )
-            if clusters > cap.max_clusters:
-                raise RuntimeError(
-                    f"multipole: {clusters} clusters in one request; the bound is {cap.max_clusters}"
-                )
-            rows = slice(row, row + clusters)
-            self.centroids[:, rows] = self._by_layer(level.centroids)
-            self.value_centroids[:, rows] = self._by_layer(level.value_centroids)
-            counts = level.counts.to(torch.int32)  # [L*H, C]: scanned along its last dim, the fast one
-            self.counts[:, rows] = self._by_layer(counts)
-            starts = member + torch.cumsum(counts, -1, dtype=torch.int32) - counts
-            self.member_start[:, rows] = self._by_layer(starts)
-            order = torch.sort(level.labels, dim=-1, stable=True).indices
-            self.members[:, member : member + clustered] = self._by_layer(order + index.start)
-            per_row[:, b] = torch.tensor([row, clusters, index.recent_start])
-            row += clusters
-            member += clustered
+            slot = _Slot(row, min(c + spare_clusters, cap.max_clusters), member, m + spare_members)
+            self._write(slot, index, _Kept(0, 0))
+            per_row[:, b] = torch.tensor([row, c, index.recent_start])
+            slots.append(slot)
+            row += slot.cluster_room
+            member += slot.member_room
         self.per_row[:, : len(indexes)].copy_(per_row)
-        self.packed = tuple(indexes)
+        self._per_row_host = per_row
+        self._slots = slots
+
+    def _size(self, index: ClusterIndex | None) -> tuple[int, int]:
+        """Clusters and clustered tokens of a request's index (checked against the buffers)."""
+        if index is None:
+            return 0, 0
+        level = index.levels[0]
+        if level.centroids.shape[0] != self.layers * self.heads:
+            raise ValueError(
+                f"an index of {level.centroids.shape[0]} heads; the buffers hold "
+                f"{self.layers} layers x {self.heads} heads"
+            )
+        clusters = level.centroids.shape[1]
+        if clusters > self.capacity.max_clusters:
+            raise RuntimeError(
+                f"multipole: {clusters} clusters in one request; the bound is {self.capacity.max_clusters}"
+            )
+        return clusters, level.labels.shape[1]
+
+    def _write(self, slot: _Slot, index: ClusterIndex, kept: _Kept) -> None:
+        """Copy `index` into its slot from cluster `kept.clusters` and clustered token `kept.tokens` on.
+
+        Members are the clustered tokens sorted by cluster, and clusters past `kept.clusters`
+        hold exactly the tokens past `kept.tokens` (blocks partition both), so the tail's
+        members are a sort of the tail's labels alone.
+        """
+        level = index.levels[0]
+        c0, t0 = kept
+        rows = slice(slot.cluster_row + c0, slot.cluster_row + level.centroids.shape[1])
+        self.centroids[:, rows] = self._by_layer(level.centroids[:, c0:])
+        self.value_centroids[:, rows] = self._by_layer(level.value_centroids[:, c0:])
+        counts = level.counts[:, c0:].to(torch.int32)  # [L*H, C]: scanned along its last dim, the fast one
+        self.counts[:, rows] = self._by_layer(counts)
+        first = slot.member_row + t0
+        self.member_start[:, rows] = self._by_layer(
+            first + torch.cumsum(counts, -1, dtype=torch.int32) - counts
+        )
+        order = torch.sort(level.labels[:, t0:], dim=-1, stable=True).indices
+        self.members[:, first : slot.member_row + level.labels.shape[1]] = self._by_layer(
+            order + (index.start + t0)
+        )
 
     def batch_index(
         self, layer: int, batch: int, seq_lens: torch.Tensor, sink_len: torch.Tensor
@@ -144,3 +250,17 @@ class IndexBuffers:
     def _by_layer(self, tensor: torch.Tensor) -> torch.Tensor:
         """`[L*H, n, ...]` (heads first, layer-major) as `[L, n, H, ...]` (the buffers' order)."""
         return tensor.view(self.layers, self.heads, *tensor.shape[1:]).transpose(1, 2)
+
+
+def _kept_after_fold(old: ClusterIndex, new: ClusterIndex) -> _Kept | None:
+    """What `new`, folded from `old`, shares with it: every block before `old`'s final one (a fold
+    re-clusters only the final block). None if the blocks say otherwise."""
+    if old.num_clustered == 0:
+        return _Kept(0, 0)
+    blocks = len(old.block_tokens) - 1
+    same = (
+        new.start == old.start
+        and new.block_tokens[:blocks] == old.block_tokens[:blocks]
+        and new.block_clusters[0][:blocks] == old.block_clusters[0][:blocks]
+    )
+    return _Kept(old.block_clusters[0][blocks - 1], old.block_tokens[blocks - 1]) if same else None

@@ -191,16 +191,21 @@ class KernelDecoder:
         A request holds one index over the heads of all its layers (`reference.stack_heads`):
         layers share their tokens and blocks, so one fold serves all of them. Builds run layer by
         layer, which bounds the float32 copies held at once, and are stacked afterwards; the folds
-        due then run as batched k-means rounds (`IndexTable.ensure_many`, in memory-bounded groups).
+        due then run as batched k-means rounds (`IndexTable.ensure_many`, in memory-bounded groups),
+        and the buffers take only what each fold changed.
         """
         indexed = [row for row in rows if row.indexed]
         self._build_missing(indexed)
+        before = [
+            self.table.current(row.req, row.generation, ALL_LAYERS) if row.indexed else None for row in rows
+        ]
         wants = [
             IndexWant(row.req, row.generation, ALL_LAYERS, row.seq_len, self._reader(row.req, self.layer_ids))
             for row in indexed
         ]
         found = iter(self.table.ensure_many(wants, self.cfg, self.rope, self.solve, self._fold_group_tokens))
-        self.buffers.fill([next(found) if row.indexed else None for row in rows], self.cfg.sink_tokens)
+        after = [next(found) if row.indexed else None for row in rows]
+        self.buffers.fill(after, self.cfg.sink_tokens, grown_from=before)  # folded rows: tails only
 
     def _build_missing(self, rows: list[MethodRow]) -> None:
         """Build the stacked index of every row that has none (or one the cache no longer holds)."""

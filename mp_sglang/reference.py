@@ -217,6 +217,27 @@ def update_index_steps(
         window_keys=torch.cat([index.window_keys, lookup_keys[:, skip:]], dim=1),
         window_values=torch.cat([index.window_values, new_values.float()[:, skip:]], dim=1),
     )
+    return (yield from _fold_while_due(index, cfg))
+
+
+def update_windowless_index_steps(
+    index: ClusterIndex, keys: torch.Tensor, values: torch.Tensor, cfg: MultipoleConfig
+) -> Steps[ClusterIndex]:
+    """`update_index_steps` for an index held without its window (`without_window`), from one read
+    of the cache: `keys`/`values` `[H, n, d]` are its tokens from `window_start` to the new end,
+    as stored (after RoPE). Gives what the index with its window would give, with no copy of the
+    window kept in between."""
+    if index.window_start > index.num_tokens:
+        raise ValueError("the index's sinks are not full yet: use update_index_steps")
+    _check_kv(keys, values)
+    count = index.window_start + keys.shape[1] - index.num_tokens
+    if count < 0:
+        raise ValueError(f"the cache from token {index.window_start} holds fewer tokens than the index")
+    grown = replace(index, num_tokens=index.num_tokens + count, next_position=index.next_position + count)
+    return (yield from _fold_while_due(with_window(grown, keys, values), cfg))
+
+
+def _fold_while_due(index: ClusterIndex, cfg: MultipoleConfig) -> Steps[ClusterIndex]:
     while index.num_tokens - index.recent_start >= cfg.recent_window + cfg.update_block:
         index = yield from _fold_recent_tokens(index, cfg)
     return index
@@ -427,6 +448,36 @@ def heads_of(index: ClusterIndex, heads: slice) -> ClusterIndex:
     )
 
 
+def without_window(index: ClusterIndex) -> ClusterIndex:
+    """The index without its window copies (float32 keys and values of up to 1.5 k-means blocks,
+    per head): a holder that can read the cache again (`with_window`) keeps only the clusters
+    between folds, a fraction of the memory."""
+    heads, _, dim = index.window_keys.shape
+    return replace(
+        index,
+        window_keys=index.window_keys.new_zeros(heads, 0, dim),
+        window_values=index.window_values.new_zeros(heads, 0, index.window_values.shape[2]),
+    )
+
+
+def with_window(index: ClusterIndex, keys: torch.Tensor, values: torch.Tensor) -> ClusterIndex:
+    """The index with its window made again from the cache: `keys`/`values` `[H, n, d]` are the
+    tokens `[window_start, num_tokens)` as stored (after RoPE), at consecutive positions ending
+    just before `next_position` (as a server's are). Undoes `without_window` exactly."""
+    _check_kv(keys, values)
+    count = max(0, index.num_tokens - index.window_start)
+    if keys.shape[1] != count:
+        raise ValueError(
+            f"the window holds tokens {index.window_start}..{index.num_tokens}; got {keys.shape[1]}"
+        )
+    positions = torch.arange(index.next_position - count, index.next_position, device=keys.device)
+    return replace(
+        index,
+        window_keys=_to_lookup_frame(keys.float(), positions, index.rope),
+        window_values=values.float(),
+    )
+
+
 def _shared_fields(index: ClusterIndex) -> tuple:
     return (
         index.start,
@@ -451,8 +502,14 @@ def _empty_level(heads: int, dim: int, device: torch.device) -> ClusterLevel:
 
 
 def _to_lookup_frame(keys: torch.Tensor, positions: torch.Tensor, rope: Rope | None) -> torch.Tensor:
-    """Keys as the clustering sees them: un-rotated to position 0 in the windowed-RoPE frame."""
-    return keys if rope is None else rope.rotate(keys, -positions)
+    """Keys as the clustering sees them: un-rotated to position 0 in the windowed-RoPE frame.
+
+    In float32 (angles formed in float64): keys come from a bf16 or fp16 cache, and a fold turns a
+    whole window back into this frame (`with_window`), where float64 would cost several times more.
+    """
+    if rope is None:
+        return keys
+    return rope.apply(keys.float(), *rope.cos_sin(-positions, keys.device, torch.float32))
 
 
 def _check_kv(keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -7,7 +7,8 @@ Needs torch and Triton on a GPU, not sglang: the backend's `KernelDecoder` runs 
 as sglang's (`[slots, H_kv, d]` K/V per layer, `req_to_token`), filled with random keys. The first
 step builds every request's index (timed apart); the next steps are timed with a synchronize
 after each, then a few more run under torch.profiler, whose table (host time per op) is printed.
-The step that folds `update_block` new tokens into every index is timed and profiled too. With
+The step that folds `update_block` new tokens into every index is timed and profiled too, and one
+more is split into k-means (`solve`), buffer packing (`fill`) and the rest. With
 `--compare-upkeep`, the first step and the fold are timed again on fresh indexes with the index
 k-means solved task by task (`kmeans_tasks.solve_each`) instead of batched, side by side.
 """
@@ -37,7 +38,7 @@ def main() -> None:
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     cfg = MultipoleConfig(token_budget=args.budget)
-    length = args.context + 2 * cfg.update_block + 8
+    length = args.context + 3 * cfg.update_block + 8
     slots = args.batch * length
     keys = [
         torch.randn(slots, args.heads_kv, args.dim, device=dev, dtype=torch.bfloat16)
@@ -96,6 +97,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     build_s = timed(args.context)
+    table_bytes = decoder.table.nbytes()  # what the requests' indexes hold between folds
     times = [timed(args.context + i) for i in range(1, args.steps + 1)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -113,6 +115,7 @@ def main() -> None:
         if dev.type == "cuda"
         else None
     )
+    breakdown = _fold_breakdown(decoder, timed, args.context + 3 * cfg.update_block, sync)
     with_solve_each = {}
     if args.compare_upkeep:
         del decoder
@@ -131,6 +134,8 @@ def main() -> None:
         "per_layer_ms_median": 1000 * statistics.median(times) / args.layers,
         "graph_replay_ms_per_step": graph_ms,
         "fold_step_ms": fold_ms,
+        "fold_breakdown_ms": breakdown,
+        "index_table_mib_per_request": table_bytes / 2**20 / args.batch,
         **with_solve_each,
     }
     print(table)
@@ -138,6 +143,33 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "step_ms_all"}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result | {"profile": table, "fold_profile": fold_table}, indent=1))
+
+
+def _fold_breakdown(decoder: KernelDecoder, timed, seq: int, sync) -> dict[str, float]:
+    """One more fold, with the k-means solver and the buffer packing timed apart (synchronized
+    around each, so the parts add up to a little more than an unsplit fold)."""
+    parts = {"solve": 0.0, "fill": 0.0}
+
+    def timing(name, fn):
+        def wrapped(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                parts[name] += time.perf_counter() - start
+
+        return wrapped
+
+    solve, fill = decoder.solve, decoder.buffers.fill
+    decoder.solve, decoder.buffers.fill = timing("solve", solve), timing("fill", fill)
+    try:
+        total = timed(seq)
+    finally:
+        decoder.solve, decoder.buffers.fill = solve, fill
+    ms = {name: 1000 * t for name, t in parts.items()}
+    return {"total": 1000 * total, **ms, "rest": 1000 * total - sum(ms.values())}
 
 
 def _graph_replay_ms(plan, layers_forward, seq: int) -> float:

@@ -1,6 +1,10 @@
-"""The serving index buffers hold exactly what `pack_indices` lays out, at fixed addresses."""
+"""The serving index buffers hold exactly what `pack_indices` lays out, at fixed addresses, also
+when folds rewrite only their tails."""
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +13,7 @@ from clustered_data import clustered_kv
 from mp_kernels.layout import pack_indices
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
-from mp_sglang.reference import build_index, stack_heads
+from mp_sglang.reference import ClusterIndex, build_index, stack_heads, update_index
 
 CFG = MultipoleConfig(tokens_per_cluster=4, kmeans_block=64, kmeans_iters=3, recent_window=8, sink_tokens=3)
 HEADS, DIM = 2, 8
@@ -29,18 +33,7 @@ def test_fill_matches_pack_indices(generator: torch.Generator) -> None:
     buffers = _buffers()
     address = buffers.centroids.data_ptr()
     buffers.fill(indexes, CFG.sink_tokens)
-    seq_lens = torch.tensor([i.num_tokens for i in indexes], dtype=torch.int32)
-    sinks = torch.full((3,), CFG.sink_tokens, dtype=torch.int32)
-    got, want = buffers.batch_index(0, 3, seq_lens, sinks), pack_indices(indexes)
-    rows = want.levels[0].centroids.shape[0]
-    assert torch.equal(got.levels[0].cluster_start, want.levels[0].cluster_start)
-    assert torch.equal(got.levels[0].num_clusters, want.levels[0].num_clusters)
-    assert torch.equal(got.recent_start, want.recent_start)
-    assert torch.equal(got.levels[0].centroids[:rows], want.levels[0].centroids)
-    assert torch.equal(got.levels[0].value_centroids[:rows], want.levels[0].value_centroids)
-    assert torch.equal(got.levels[0].counts[:rows], want.levels[0].counts)
-    assert torch.equal(got.member_start[:rows], want.member_start)
-    assert torch.equal(got.members[: want.members.shape[0]], want.members)
+    _assert_rows_hold(buffers, indexes)
     assert buffers.centroids.data_ptr() == address
 
 
@@ -65,16 +58,91 @@ def test_every_layer_of_stacked_indexes_matches_pack_indices(generator: torch.Ge
     stacked = [stack_heads(parts) for parts in zip(*per_layer, strict=True)]
     buffers = _buffers(layers=2)
     buffers.fill(stacked, CFG.sink_tokens)
-    seq_lens = torch.tensor([i.num_tokens for i in stacked], dtype=torch.int32)
-    sinks = torch.full((3,), CFG.sink_tokens, dtype=torch.int32)
     for layer, parts in enumerate(per_layer):
-        got, want = buffers.batch_index(layer, 3, seq_lens, sinks), pack_indices(parts)
-        rows = want.levels[0].centroids.shape[0]
-        assert torch.equal(got.levels[0].cluster_start, want.levels[0].cluster_start)
-        assert torch.equal(got.levels[0].centroids[:rows], want.levels[0].centroids)
-        assert torch.equal(got.levels[0].value_centroids[:rows], want.levels[0].value_centroids)
-        assert torch.equal(got.levels[0].counts[:rows], want.levels[0].counts)
-        assert torch.equal(got.member_start[:rows], want.member_start)
-        assert torch.equal(got.members[: want.members.shape[0]], want.members)
+        _assert_rows_hold(buffers, parts, layer)
     with pytest.raises(ValueError, match="2 layers x 2 heads"):
         buffers.fill(per_layer[0], CFG.sink_tokens)
+
+
+FOLDING = replace(CFG, update_block=8, update_iters=1)
+
+
+def _assert_rows_hold(buffers: IndexBuffers, indexes: list[ClusterIndex | None], layer: int = 0) -> None:
+    """Each row's slice of layer `layer` is what `pack_indices` lays out for its index alone."""
+    seq_lens = torch.tensor([i.num_tokens if i else 1 for i in indexes], dtype=torch.int32)
+    sinks = torch.full((len(indexes),), CFG.sink_tokens, dtype=torch.int32)
+    got = buffers.batch_index(layer, len(indexes), seq_lens, sinks)
+    for b, index in enumerate(indexes):
+        if index is None:
+            assert int(got.levels[0].num_clusters[b]) == 0
+            assert int(got.recent_start[b]) == CFG.sink_tokens
+            continue
+        want = pack_indices([index])
+        first, clusters = int(got.levels[0].cluster_start[b]), int(got.levels[0].num_clusters[b])
+        rows = slice(first, first + clusters)
+        assert clusters == want.levels[0].centroids.shape[0]
+        assert int(got.recent_start[b]) == index.recent_start
+        assert torch.equal(got.levels[0].centroids[rows], want.levels[0].centroids)
+        assert torch.equal(got.levels[0].value_centroids[rows], want.levels[0].value_centroids)
+        assert torch.equal(got.levels[0].counts[rows], want.levels[0].counts)
+        base = got.member_start[first]  # per head; the row's first member
+        assert torch.equal(got.member_start[rows] - base, want.member_start)
+        clustered = want.members.shape[0]
+        for h in range(HEADS):
+            members = got.members[int(base[h]) : int(base[h]) + clustered, h]
+            assert torch.equal(members, want.members[:, h])
+
+
+def _fold(index: ClusterIndex, tokens: int, generator: torch.Generator) -> ClusterIndex:
+    return update_index(index, *clustered_kv(HEADS, tokens, DIM, 5, generator), FOLDING)
+
+
+def test_folds_rewrite_only_their_tails(generator: torch.Generator) -> None:
+    """Folded rows keep their place (no repack) and still hold exactly their indexes, through
+    warm folds and final blocks split in two, next to a row without an index."""
+    indexes: list[ClusterIndex | None] = [*_indexes((70, 150), generator), None]
+    buffers = _buffers(cluster_rows=400, member_rows=1600)
+    buffers.fill(indexes, CFG.sink_tokens)
+    starts = buffers.per_row[0, :3].clone()
+    blocks = indexes[1].block_tokens
+    for step in range(12):
+        grown = [
+            _fold(index, 8 + 3 * (b + step % 2), generator) if index else None
+            for b, index in enumerate(indexes)
+        ]
+        buffers.fill(grown, CFG.sink_tokens, grown_from=indexes)
+        assert torch.equal(buffers.per_row[0, :3], starts)  # nothing moved: tails only
+        _assert_rows_hold(buffers, grown)
+        indexes = grown
+    assert len(indexes[1].block_tokens) > len(blocks)  # a final block was split on the way
+
+
+def test_a_fold_past_its_room_packs_again(generator: torch.Generator) -> None:
+    """Row 0 grows past the room a pack left it (half the spare rows); the batch packs again."""
+    growing, steady = _indexes((150, 70), generator)
+    history = [growing]
+    for _ in range(6):
+        history.append(_fold(history[-1], 30, generator))
+    largest = history[-1].levels[0].centroids.shape[1] + steady.levels[0].centroids.shape[1]
+    buffers = _buffers(cluster_rows=largest + 2, member_rows=1600)
+    buffers.fill([growing, steady], CFG.sink_tokens)
+    places = {int(buffers.per_row[0, 1])}
+    for before, after in itertools.pairwise(history):
+        buffers.fill([after, steady], CFG.sink_tokens, grown_from=[before, steady])
+        _assert_rows_hold(buffers, [after, steady])
+        places.add(int(buffers.per_row[0, 1]))
+    assert len(places) > 1  # row 1 moved: packed again
+
+
+def test_an_index_not_grown_from_what_its_row_holds_packs_again(generator: torch.Generator) -> None:
+    """A rebuilt index (e.g. its request's cache was cut) is never written as a tail, whatever
+    `grown_from` claims, unless the row holds that very object."""
+    first, rebuilt = _indexes((150, 150), generator)
+    other = _indexes((70,), generator)[0]
+    buffers = _buffers()
+    buffers.fill([first, other], CFG.sink_tokens)
+    buffers.fill([rebuilt, other], CFG.sink_tokens, grown_from=[rebuilt, other])
+    _assert_rows_hold(buffers, [rebuilt, other])
+    stranger = _fold(rebuilt, 8, generator)
+    buffers.fill([stranger, other], CFG.sink_tokens, grown_from=[first, other])
+    _assert_rows_hold(buffers, [stranger, other])

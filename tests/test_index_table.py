@@ -1,4 +1,5 @@
-"""IndexTable.ensure_many: the upkeep of many (row, layer) pairs at once equals ensure one by one."""
+"""IndexTable: the upkeep of many (row, layer) pairs at once equals ensure one by one, and equals
+the reference with its windows read back from the pool."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from clustered_data import clustered_kv
 
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.index import IndexTable, IndexWant
+from mp_sglang.reference import build_index, update_index
 from mp_sglang.rope import Rope
 
 CFG = MultipoleConfig(
@@ -71,3 +73,47 @@ def test_ensure_many_refuses_a_row_outside_the_table(generator):
     want = IndexWant(7, 1, 0, 100, reader(0, 0))
     with pytest.raises(IndexError, match="req_pool_idx 7"):
         IndexTable(4).ensure_many([want], CFG, ROPE)
+
+
+def test_the_table_holds_no_windows_and_folds_as_the_reference(generator):
+    """Indexes are held without their window copies; a fold reads the window back from the pool
+    and gives exactly what the reference gives with the window it kept."""
+    keys, values = clustered_kv(2, 400, 16, 6, generator)
+
+    def read(start, end):
+        return keys[:, start:end], values[:, start:end]
+
+    table = IndexTable(1)
+    expected = build_index(keys[:, :199], values[:, :199], CFG, rope=ROPE)
+    held = table.ensure(0, 1, 0, 200, read, CFG, ROPE)
+    for seq_len in (230, 260, 300, 330, 400):  # folds, past a block boundary on the way
+        expected = update_index(
+            expected,
+            keys[:, expected.num_tokens : seq_len - 1],
+            values[:, expected.num_tokens : seq_len - 1],
+            CFG,
+        )
+        held = table.ensure(0, 1, 0, seq_len, read, CFG, ROPE)
+        _same(held, expected)
+        assert held.window_start == expected.window_start and held.window_keys.shape[1] == 0
+        for x, y in zip(held.levels, expected.levels, strict=True):
+            assert torch.equal(x.value_centroids, y.value_centroids) and torch.equal(x.counts, y.counts)
+    assert len(expected.block_tokens) > 2
+    assert table.nbytes() < sum(t.nbytes for t in (expected.window_keys, expected.window_values))
+
+
+def test_an_index_built_inside_the_sinks_folds_as_the_reference(generator):
+    """Built from fewer tokens than the sinks (no window yet), then folded: as the reference."""
+    keys, values = clustered_kv(2, 60, 16, 6, generator)
+
+    def read(start, end):
+        return keys[:, start:end], values[:, start:end]
+
+    table = IndexTable(1)
+    table.ensure(0, 1, 0, 2, read, CFG, ROPE)  # one token before the step, sinks of 2
+    held = table.ensure(0, 1, 0, 60, read, CFG, ROPE)
+    expected = update_index(
+        build_index(keys[:, :1], values[:, :1], CFG, rope=ROPE), keys[:, 1:59], values[:, 1:59], CFG
+    )
+    _same(held, expected)
+    assert held.num_clustered > 0

@@ -19,6 +19,8 @@ from mp_sglang.reference import (
     masked_attention,
     stack_heads,
     update_index,
+    with_window,
+    without_window,
 )
 from mp_sglang.rope import Rope
 
@@ -307,6 +309,28 @@ def test_positions_carry_from_build_to_updates(generator):
     q = torch.randn(q_heads, dim, generator=generator)
     out = decode_attention(q, keys, values, grown, cfg)
     assert out.shape == (q_heads, dim) and torch.isfinite(out).all()
+
+
+def test_a_window_read_back_from_the_cache_is_the_one_dropped(generator):
+    """`with_window` rebuilds exactly what `without_window` dropped, from the cache as stored
+    (after RoPE, positions starting at 1000): a holder can keep indexes without their windows."""
+    heads, dim, seq = 2, 16, 420
+    rope = Rope.standard(dim)
+    raw, values = clustered_kv(heads, seq, dim, 20, generator)
+    positions = torch.arange(1000, 1000 + seq)
+    keys = rope.rotate(raw, positions)
+    cfg = MultipoleConfig(**SMALL)
+    index = build_index(keys[:, :300], values[:, :300], cfg, positions[:300], rope)
+    index = update_index(index, keys[:, 300:], values[:, 300:], cfg)
+    assert index.window_start > cfg.sink_tokens  # folds moved the window on
+    bare = without_window(index)
+    assert bare.window_keys.shape == (heads, 0, dim) and bare.window_values.numel() == 0
+    window = slice(index.window_start, index.num_tokens)
+    back = with_window(bare, keys[:, window], values[:, window])
+    assert torch.equal(back.window_keys, index.window_keys)
+    assert torch.equal(back.window_values, index.window_values)
+    with pytest.raises(ValueError, match="window holds tokens"):
+        with_window(bare, keys[:, :5], values[:, :5])
 
 
 def test_decode_view_of_a_lagging_index_equals_the_updated_index(generator):
