@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from mp_kernels.layout import BatchIndex, LevelTensors
+from mp_sglang.clustering import to_device
 from mp_sglang.reference import ClusterIndex
 
 
@@ -123,7 +124,7 @@ class IndexBuffers:
                 self._per_row_host[1:, b] = torch.tensor(
                     [index.levels[0].centroids.shape[1], index.recent_start]
                 )
-            self.per_row[:, : len(indexes)].copy_(self._per_row_host)
+            self._upload_per_row()
         self.packed = tuple(indexes)
 
     def _tails(
@@ -181,9 +182,14 @@ class IndexBuffers:
             slots.append(slot)
             row += slot.cluster_room
             member += slot.member_room
-        self.per_row[:, : len(indexes)].copy_(per_row)
         self._per_row_host = per_row
+        self._upload_per_row()
         self._slots = slots
+
+    def _upload_per_row(self) -> None:
+        """Copy the per-row table from a pinned buffer: no wait for the GPU's queue to drain."""
+        rows = self._per_row_host.shape[1]
+        self.per_row[:, :rows].copy_(to_device(self._per_row_host, self.per_row.device))
 
     def _size(self, index: ClusterIndex | None) -> tuple[int, int]:
         """Clusters and clustered tokens of a request's index (checked against the buffers)."""
