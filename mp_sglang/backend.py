@@ -109,6 +109,10 @@ class MultipoleAttnBackend(AttentionBackend):
             index_note,
             self.cfg.to_dict(),
         )
+        if self.kernels:
+            warning = _prefix_sharing_warning(self.cfg, getattr(runner, "server_args", None))
+            if warning:
+                logger.warning(warning)
 
     # ------------------------------------------------------------------ metadata
 
@@ -308,6 +312,21 @@ def _dense_name(setting: str, device: str) -> str:
 def _slices_of(keys: torch.Tensor, values: torch.Tensor):
     """A `KVReader` over keys/values already read from the pool."""
     return lambda start, end: (keys[:, start:end], values[:, start:end])
+
+
+def _prefix_sharing_warning(cfg: MultipoleConfig, server_args: object | None) -> str | None:
+    """What to say at start-up when requests may share prefixes through the radix cache: each of
+    them indexes the shared tokens, so a batch's indexes can outgrow buffers sized from the pool,
+    and that stops the server at the decode step where it happens."""
+    if server_args is None or getattr(server_args, "disable_radix_cache", True) or cfg.index_capacity > 1:
+        return None
+    return (
+        "multipole: the radix cache is on and MULTIPOLE_INDEX_CAPACITY is "
+        f"{cfg.index_capacity:g}: requests sharing long prefixes each index them, and a decode batch "
+        "whose indexes hold more tokens than the KV pool stops the server. Raise "
+        "MULTIPOLE_INDEX_CAPACITY (each +1 costs ~7 % of the KV cache's memory at head size 128) "
+        "or pass --disable-radix-cache."
+    )
 
 
 def _unsupported(runner: ModelRunner) -> str | None:

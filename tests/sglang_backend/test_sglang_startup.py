@@ -89,3 +89,23 @@ def test_unverifiable_rope_falls_back_to_stored_keys(
         rig = Rig(model=model)
     assert rig.backend.rope is None and not rig.backend.cfg.windowed_rope
     assert "LinearScalingRotaryEmbedding" in caplog.text and "windowed_rope disabled" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("radix_off", "capacity", "warned"), [(False, 1.0, True), (True, 1.0, False), (False, 2.0, False)]
+)
+def test_prefix_sharing_through_the_radix_cache_is_warned_of(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    radix_off: bool,
+    capacity: float,
+    warned: bool,
+) -> None:
+    """Requests sharing a prefix each index it: with the radix cache on and the index sized 1:1
+    from the pool, start-up says how a batch can outgrow it and what to change."""
+    set_config(monkeypatch, decode_path="kernels", index_capacity=capacity)
+    with caplog.at_level(logging.WARNING, logger="mp_sglang.backend"):
+        Rig(server_args=SimpleNamespace(disable_radix_cache=radix_off))
+    assert ("radix cache is on" in caplog.text) is warned
+    if warned:
+        assert "MULTIPOLE_INDEX_CAPACITY" in caplog.text and "--disable-radix-cache" in caplog.text
