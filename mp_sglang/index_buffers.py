@@ -11,11 +11,13 @@ of all layers) into the buffers; a request with no index (its context is below `
 it is a padding row of a CUDA graph) gets no clusters and a recent window that starts right after
 the sinks, so every one of its tokens is attended exactly.
 
-A fold changes only a request's final k-means block, so when the same requests come back folded
-`fill` rewrites only what follows the block that was final before (clusters, counts, member
-offsets and a sort of those tokens' labels), not the whole context. For that a full pack leaves
-each request room to grow, the buffers' free rows shared out evenly; a request that outgrows its
-room, or any change of the batch's requests, packs everything again.
+Each request's index lives in a slot (cluster rows and member rows, with room to grow) that stays
+put while the request is in the batch, whatever row of the batch it takes. A fold changes only
+the final k-means block, so `fill` then rewrites only what follows the block that was final
+before (clusters, counts, member offsets, and a sort of those tokens' labels), not the whole
+context; a request that joins gets a new slot after the others; one that leaves frees its slot.
+Only when a slot or the free space runs out is everything packed again, each request given
+room to grow from half the free rows (the other half is for requests that join later).
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ class _Kept(NamedTuple):
     tokens: int
 
 
+# Slots by batch row (None: no index), the (row, kept) pairs to write, and the new end of the slots.
+_Placement = tuple[list["_Slot | None"], list[tuple[int, _Kept]], tuple[int, int]]
+
+
 class IndexBuffers:
     """Every layer's packed index for a batch of up to `capacity.rows` requests.
 
@@ -96,8 +102,8 @@ class IndexBuffers:
         # cluster_start, num_clusters, recent_start per request row, filled in one copy.
         self.per_row = torch.zeros(3, cap.rows, dtype=torch.int32, device=device)
         self.packed: tuple[ClusterIndex | None, ...] = ()
-        self._slots: list[_Slot] = []
-        self._per_row_host = torch.zeros(3, 0, dtype=torch.int32)
+        self._slots: dict[int, tuple[ClusterIndex, _Slot]] = {}  # by id() of a packed index
+        self._end = (0, 0)  # first cluster row and member row no slot holds
 
     def fill(
         self,
@@ -108,55 +114,90 @@ class IndexBuffers:
         """Pack `indexes` (batch order) into the buffers, unless exactly these are packed already.
 
         `grown_from[b]`, when given, is the index that `indexes[b]` was folded from
-        (`reference.update_index`): if that is what row b holds now, only its tail is rewritten.
+        (`reference.update_index`): if that is packed, `indexes[b]` takes over its slot and only
+        its tail is written.
         """
         if len(indexes) == len(self.packed) and all(
             a is b for a, b in zip(indexes, self.packed, strict=True)
         ):
             return
-        tails = self._tails(indexes, grown_from)
-        if tails is None:
-            self._pack(indexes, sink_tokens)
-        else:
-            for b, kept in tails:
-                index = indexes[b]
-                self._write(self._slots[b], index, kept)
-                self._per_row_host[1:, b] = torch.tensor(
-                    [index.levels[0].centroids.shape[1], index.recent_start]
-                )
-            self._upload_per_row()
-        self.packed = tuple(indexes)
-
-    def _tails(
-        self, indexes: Sequence[ClusterIndex | None], grown_from: Sequence[ClusterIndex | None] | None
-    ) -> list[tuple[int, _Kept]] | None:
-        """The rows to rewrite in part and what each keeps, or None when everything must be packed."""
-        if grown_from is None or len(indexes) != len(self.packed):
-            return None
-        tails = []
-        for b, (index, old, held) in enumerate(zip(indexes, grown_from, self.packed, strict=True)):
-            if index is held:
-                continue
-            if old is None or old is not held or index is None:
-                return None
-            kept = _kept_after_fold(old, index)
-            slot = self._slots[b]
-            level = index.levels[0]
-            if (
-                kept is None
-                or level.centroids.shape[1] > slot.cluster_room
-                or level.labels.shape[1] > slot.member_room
-            ):
-                return None
-            tails.append((b, kept))
-        return tails
-
-    def _pack(self, indexes: Sequence[ClusterIndex | None], sink_tokens: int) -> None:
-        """Lay every request out afresh: its index, then its share of the free rows as room to grow."""
-        cap = self.capacity
-        if len(indexes) > cap.rows:
-            raise RuntimeError(f"multipole: a batch of {len(indexes)} requests; the index holds {cap.rows}")
+        if len(indexes) > self.capacity.rows:
+            raise RuntimeError(
+                f"multipole: a batch of {len(indexes)} requests; the index holds {self.capacity.rows}"
+            )
         sizes = [self._size(index) for index in indexes]
+        placed = self._place(indexes, grown_from or [None] * len(indexes), sizes)
+        if placed is None:
+            placed = self._pack_all(indexes, sizes)
+        slots, writes, self._end = placed
+        for b, kept in writes:
+            self._write(slots[b], indexes[b], kept)
+        per_row = torch.tensor(
+            [
+                [slot.cluster_row, clusters, index.recent_start] if index is not None else [0, 0, sink_tokens]
+                for index, slot, (clusters, _) in zip(indexes, slots, sizes, strict=True)
+            ],
+            dtype=torch.int32,
+        ).reshape(-1, 3)
+        self.per_row[:, : len(indexes)].copy_(to_device(per_row.t().contiguous(), self.per_row.device))
+        self.packed = tuple(indexes)
+        self._slots = {
+            id(index): (index, slot) for index, slot in zip(indexes, slots, strict=True) if index is not None
+        }
+
+    def _place(
+        self,
+        indexes: Sequence[ClusterIndex | None],
+        grown_from: Sequence[ClusterIndex | None],
+        sizes: list[tuple[int, int]],
+    ) -> _Placement | None:
+        """Slots for `indexes` that keep every packed request where it is: the same index, or one
+        folded from a packed one that still fits its slot, stays; the rest get new slots after
+        the last one. None when a fold outgrows its slot or the new ones do not fit."""
+        slots: list[_Slot | None] = [None] * len(indexes)
+        writes: list[tuple[int, _Kept]] = []
+        fresh: list[int] = []
+        for b, (index, before) in enumerate(zip(indexes, grown_from, strict=True)):
+            if index is None:
+                continue
+            held = self._slots.get(id(index)) or (self._slots.get(id(before)) if before is not None else None)
+            if held is None:
+                fresh.append(b)
+                continue
+            packed, slot = held
+            if packed is not index:
+                if packed is not before:
+                    return None  # an id() reused by another object: pack everything
+                kept = _kept_after_fold(packed, index)
+                clusters, clustered = sizes[b]
+                if kept is None or clusters > slot.cluster_room or clustered > slot.member_room:
+                    return None
+                writes.append((b, kept))
+            if slot in slots:
+                return None
+            slots[b] = slot
+        row, member = self._end
+        cap = self.capacity
+        # Each new slot gets room for this many more rows: half the free rows shared out, the
+        # other half kept for requests that join later.
+        share = 2 * max(1, sum(index is not None for index in indexes))
+        spare_clusters = (cap.cluster_rows - row - sum(sizes[b][0] for b in fresh)) // share
+        spare_members = (cap.member_rows - member - sum(sizes[b][1] for b in fresh)) // share
+        if spare_clusters < 0 or spare_members < 0:
+            return None
+        for b in fresh:
+            clusters, clustered = sizes[b]
+            slots[b] = _Slot(
+                row, min(clusters + spare_clusters, cap.max_clusters), member, clustered + spare_members
+            )
+            writes.append((b, _Kept(0, 0)))
+            row += slots[b].cluster_room
+            member += slots[b].member_room
+        return slots, writes, (row, member)
+
+    def _pack_all(self, indexes: Sequence[ClusterIndex | None], sizes: list[tuple[int, int]]) -> _Placement:
+        """Every request laid out afresh from row 0: its index, then its share of the free rows."""
+        cap = self.capacity
         clusters = sum(c for c, _ in sizes)
         clustered = sum(m for _, m in sizes)
         if clusters > cap.cluster_rows or clustered > cap.member_rows:
@@ -165,31 +206,10 @@ class IndexBuffers:
                 f"({cap.cluster_rows} clusters, {cap.member_rows} tokens per layer); raise "
                 "MULTIPOLE_INDEX_CAPACITY (requests sharing long prefixes need more than 1)"
             )
-        share = max(1, sum(index is not None for index in indexes))
-        spare_clusters = (cap.cluster_rows - clusters) // share
-        spare_members = (cap.member_rows - clustered) // share
-        per_row = torch.zeros(3, len(indexes), dtype=torch.int32)
-        slots = []
-        row = member = 0
-        for b, (index, (c, m)) in enumerate(zip(indexes, sizes, strict=True)):
-            if index is None:
-                per_row[:, b] = torch.tensor([row, 0, sink_tokens])
-                slots.append(_Slot(row, 0, member, 0))
-                continue
-            slot = _Slot(row, min(c + spare_clusters, cap.max_clusters), member, m + spare_members)
-            self._write(slot, index, _Kept(0, 0))
-            per_row[:, b] = torch.tensor([row, c, index.recent_start])
-            slots.append(slot)
-            row += slot.cluster_room
-            member += slot.member_room
-        self._per_row_host = per_row
-        self._upload_per_row()
-        self._slots = slots
-
-    def _upload_per_row(self) -> None:
-        """Copy the per-row table from a pinned buffer: no wait for the GPU's queue to drain."""
-        rows = self._per_row_host.shape[1]
-        self.per_row[:, :rows].copy_(to_device(self._per_row_host, self.per_row.device))
+        self._slots, self._end = {}, (0, 0)
+        placed = self._place(indexes, [None] * len(indexes), sizes)
+        assert placed is not None  # everything fits from row 0 (checked above)
+        return placed
 
     def _size(self, index: ClusterIndex | None) -> tuple[int, int]:
         """Clusters and clustered tokens of a request's index (checked against the buffers)."""

@@ -146,3 +146,41 @@ def test_an_index_not_grown_from_what_its_row_holds_packs_again(generator: torch
     stranger = _fold(rebuilt, 8, generator)
     buffers.fill([stranger, other], CFG.sink_tokens, grown_from=[first, other])
     _assert_rows_hold(buffers, [stranger, other])
+
+
+def _starts(buffers: IndexBuffers, batch: int) -> list[int]:
+    return buffers.per_row[0, :batch].tolist()
+
+
+def test_requests_keep_their_slots_as_others_join_leave_or_reorder(generator: torch.Generator) -> None:
+    """A batch change moves nobody: a leaving request frees its slot, a joining one gets a new
+    slot after the others, a reordered batch points its rows at the same slots."""
+    a, b, c, d = _indexes((150, 70, 333, 90), generator)
+    buffers = _buffers(cluster_rows=400, member_rows=1600)
+    buffers.fill([a, b, c], CFG.sink_tokens)
+    start_a, start_b, start_c = _starts(buffers, 3)
+    buffers.fill([c, a], CFG.sink_tokens)  # b left, order changed
+    assert _starts(buffers, 2) == [start_c, start_a]
+    _assert_rows_hold(buffers, [c, a])
+    grown = _fold(a, 8, generator)
+    buffers.fill([c, grown, d, None], CFG.sink_tokens, grown_from=[c, a, None, None])  # d joins
+    starts = _starts(buffers, 4)
+    assert starts[:2] == [start_c, start_a] and starts[2] > max(start_a, start_b, start_c)
+    _assert_rows_hold(buffers, [c, grown, d, None])
+
+
+def test_joins_past_the_free_rows_pack_everything_again(generator: torch.Generator) -> None:
+    """Slots of requests that left are reclaimed only by packing again, once a join no longer fits
+    after the last slot; the packed rows then hold their indexes as ever."""
+    first = _indexes((150, 150), generator)
+    later = _indexes((150, 150, 150), generator)
+    need = sum(i.levels[0].centroids.shape[1] for i in first[:1] + later)
+    buffers = _buffers(cluster_rows=need + 4, member_rows=1600)
+    buffers.fill(first, CFG.sink_tokens)
+    places = set()
+    for i in range(len(later)):  # one of the first leaves, the later ones join one by one
+        batch = first[:1] + later[: i + 1]
+        buffers.fill(batch, CFG.sink_tokens)
+        _assert_rows_hold(buffers, batch)
+        places.add(_starts(buffers, 2)[1])
+    assert len(places) > 1  # the first joiner moved: everything was packed again
