@@ -8,7 +8,8 @@ as sglang's (`[slots, H_kv, d]` K/V per layer, `req_to_token`), filled with rand
 step builds every request's index (timed apart); the next steps are timed with a synchronize
 after each, then a few more run under torch.profiler, whose table (host time per op) is printed.
 The step that folds `update_block` new tokens into every index is timed and profiled too, and one
-more is split into k-means (`solve`), buffer packing (`fill`) and the rest. With
+more is split into k-means (`solve`), buffer packing (`fill`) and the rest; the memory the index
+table holds per request after the builds is reported too. With
 `--compare-upkeep`, the first step and the fold are timed again on fresh indexes with the index
 k-means solved task by task (`kmeans_tasks.solve_each`) instead of batched, side by side.
 """
