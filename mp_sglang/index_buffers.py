@@ -164,10 +164,8 @@ class IndexBuffers:
             if held is None:
                 fresh.append(b)
                 continue
-            packed, slot = held
+            packed, slot = held  # the packed objects are alive, so an id() names only them
             if packed is not index:
-                if packed is not before:
-                    return None  # an id() reused by another object: pack everything
                 kept = _kept_after_fold(packed, index)
                 clusters, clustered = sizes[b]
                 if kept is None or clusters > slot.cluster_room or clustered > slot.member_room:
