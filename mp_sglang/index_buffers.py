@@ -126,7 +126,7 @@ class IndexBuffers:
                 f"multipole: a batch of {len(indexes)} requests; the index holds {self.capacity.rows}"
             )
         sizes = [self._size(index) for index in indexes]
-        placed = self._place(indexes, grown_from or [None] * len(indexes), sizes)
+        placed = self._place(indexes, grown_from or [None] * len(indexes), sizes, self._slots, self._end)
         if placed is None:
             placed = self._pack_all(indexes, sizes)
         slots, writes, self._end = placed
@@ -150,17 +150,19 @@ class IndexBuffers:
         indexes: Sequence[ClusterIndex | None],
         grown_from: Sequence[ClusterIndex | None],
         sizes: list[tuple[int, int]],
+        held_slots: dict[int, tuple[ClusterIndex, _Slot]],
+        end: tuple[int, int],
     ) -> _Placement | None:
-        """Slots for `indexes` that keep every packed request where it is: the same index, or one
-        folded from a packed one that still fits its slot, stays; the rest get new slots after
-        the last one. None when a fold outgrows its slot or the new ones do not fit."""
+        """Slots for `indexes` that keep every request of `held_slots` where it is: the same index,
+        or one folded from a held one that still fits its slot, stays; the rest get new slots from
+        `end` on. None when a fold outgrows its slot or the new ones do not fit."""
         slots: list[_Slot | None] = [None] * len(indexes)
         writes: list[tuple[int, _Kept]] = []
         fresh: list[int] = []
         for b, (index, before) in enumerate(zip(indexes, grown_from, strict=True)):
             if index is None:
                 continue
-            held = self._slots.get(id(index)) or (self._slots.get(id(before)) if before is not None else None)
+            held = held_slots.get(id(index)) or (held_slots.get(id(before)) if before is not None else None)
             if held is None:
                 fresh.append(b)
                 continue
@@ -174,7 +176,7 @@ class IndexBuffers:
             if slot in slots:
                 return None
             slots[b] = slot
-        row, member = self._end
+        row, member = end
         cap = self.capacity
         # Each new slot gets room for this many more rows: half the free rows shared out, the
         # other half kept for requests that join later.
@@ -204,8 +206,7 @@ class IndexBuffers:
                 f"({cap.cluster_rows} clusters, {cap.member_rows} tokens per layer); raise "
                 "MULTIPOLE_INDEX_CAPACITY (requests sharing long prefixes need more than 1)"
             )
-        self._slots, self._end = {}, (0, 0)
-        placed = self._place(indexes, [None] * len(indexes), sizes)
+        placed = self._place(indexes, [None] * len(indexes), sizes, {}, (0, 0))
         assert placed is not None  # everything fits from row 0 (checked above)
         return placed
 
