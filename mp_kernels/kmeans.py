@@ -23,6 +23,11 @@ from mp_kernels.dispatch import exact_dots, use_triton
 from mp_sglang import clustering
 from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask
 
+# Assignment tiles: points x centroids per program. bf16/fp16 multiply on tensor cores (tuned on
+# the H100, docs/perf.md); fp32 FMA tiles beyond 32 x 32 spill (ptxas resource report, sm_90).
+ASSIGN_TILE = {"BLOCK_P": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+_ASSIGN_TILE_FP32 = {"BLOCK_P": 32, "BLOCK_K": 32, "num_warps": 4}
+
 
 @torch.no_grad()
 def assign(
@@ -50,10 +55,16 @@ def assign(
                 labels[ps:pe] = got.t().to(torch.int32)
         return labels
     ieee = exact_dots(points.dtype)
-    block_p = 32 if ieee else 64  # fp32 FMA tiles beyond 32x32 spill (ptxas resource report, sm_90)
-    _assign_kernel[(point_start.shape[0] * heads, triton.cdiv(max_points, block_p))](
+    # Centroids in the points' dtype and their fp32 squared norms, made once per call: every
+    # program of the launch reads them (through L2), so halving their bytes and computing the
+    # norms once (not once per program) is what the tile loop saves.
+    cent = centroids if ieee else centroids.to(points.dtype)
+    norms = centroids.float().square().sum(-1)
+    tile = _ASSIGN_TILE_FP32 if ieee else ASSIGN_TILE
+    _assign_kernel[(point_start.shape[0] * heads, triton.cdiv(max_points, tile["BLOCK_P"]))](
         points,
-        centroids,
+        cent,
+        norms,
         point_start,
         num_points,
         cluster_start,
@@ -62,15 +73,15 @@ def assign(
         heads,
         points.stride(0),
         points.stride(1),
-        centroids.stride(0),
-        centroids.stride(1),
+        cent.stride(0),
+        cent.stride(1),
+        norms.stride(0),
+        norms.stride(1),
         labels.stride(0),
         labels.stride(1),
         D=dim,
-        BLOCK_P=block_p,
-        BLOCK_K=block_p,
         IEEE=ieee,
-        num_warps=4,
+        **tile,
     )
     return labels
 
@@ -235,9 +246,9 @@ def _solve_segments(tasks, chosen, results, points_dtype, backend) -> None:
     host = torch.tensor([point_starts, sizes, cluster_starts, clusters], dtype=torch.int32)
     point_start, num_points, cluster_start, num_clusters = clustering.to_device(host, group[0].points.device)
     seg = (point_start, num_points, cluster_start)
-    points = torch.cat([t.points.transpose(0, 1).to(points_dtype or t.points.dtype) for t in group])
-    values = torch.cat([t.values.transpose(0, 1) for t in group])
-    init = torch.cat([t.init.transpose(0, 1).float() for t in group])
+    points = _rows_of([t.points for t in group], points_dtype or group[0].points.dtype)
+    values = _rows_of([t.values for t in group], group[0].values.dtype)
+    init = _rows_of([t.init for t in group], torch.float32)
     weights = None if group[0].weights is None else torch.cat([t.weights.t() for t in group])
     generators = [t.generator for t in group]
     centroids, labels = lloyd(
@@ -253,6 +264,18 @@ def _solve_segments(tasks, chosen, results, points_dtype, backend) -> None:
             totals=totals[cs : cs + k].t(),
             labels=labels[ps : ps + n].t().long(),
         )
+
+
+def _rows_of(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """`[H, n_i, d]` parts as the rows `[sum n_i, H, d]` of one tensor in `dtype`: one copy per
+    part that transposes and casts at once (a fold's points are ~0.5 GiB per request)."""
+    heads, _, dim = parts[0].shape
+    out = parts[0].new_empty(sum(part.shape[1] for part in parts), heads, dim, dtype=dtype)
+    start = 0
+    for part in parts:
+        out[start : start + part.shape[1]].copy_(part.transpose(0, 1))
+        start += part.shape[1]
+    return out
 
 
 def _reseed(points, centroids, empty, seg, num_clusters, generators):
@@ -283,6 +306,7 @@ def _segments(point_start, num_points, cluster_start, num_clusters):
 def _assign_kernel(
     points,
     centroids,
+    norms,
     point_start,
     num_points,
     cluster_start,
@@ -293,6 +317,8 @@ def _assign_kernel(
     stride_ph,
     stride_cr,
     stride_ch,
+    stride_nr,
+    stride_nh,
     stride_lr,
     stride_lh,
     D: tl.constexpr,
@@ -322,12 +348,12 @@ def _assign_kernel(
             mask=k_valid[:, None],
             other=0.0,
         )
-        norms = tl.sum(cent.to(tl.float32) * cent.to(tl.float32), axis=1)
+        norm = tl.load(norms + (c0 + k) * stride_nr + h * stride_nh, mask=k_valid, other=0.0)
         if IEEE:
             dots = tl.dot(pts.to(tl.float32), tl.trans(cent.to(tl.float32)), input_precision="ieee")
         else:
-            dots = tl.dot(pts, tl.trans(cent.to(pts.dtype)))  # bf16/fp16 tensor cores; norms stay fp32
-        dist = tl.where(k_valid[None, :], norms[None, :] - 2.0 * dots, float("inf"))
+            dots = tl.dot(pts, tl.trans(cent))  # bf16/fp16 tensor cores; norms stay fp32
+        dist = tl.where(k_valid[None, :], norm[None, :] - 2.0 * dots, float("inf"))
         tile_best = tl.min(dist, axis=1)
         tile_id = tl.argmin(dist, axis=1).to(tl.int32) + k0
         better = tile_best < best

@@ -155,4 +155,4 @@ def _lookup_query(
     if rope is None:
         return q
     cos, sin = (to_device(t, q.device) for t in rope.query_frame(lengths, cfg.rope_window, "cpu"))
-    return rope.apply(q.float(), cos.unsqueeze(1), sin.unsqueeze(1)).to(q.dtype)
+    return rope.apply(q, cos.unsqueeze(1), sin.unsqueeze(1), out_dtype=q.dtype)

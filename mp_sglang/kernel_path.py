@@ -279,7 +279,7 @@ class KernelDecoder:
         q_lookup = queries
         if self.rope is not None:
             cos, sin = (part[:batch].unsqueeze(1) for part in self.rotation)
-            q_lookup = self.rope.apply(queries.float(), cos, sin).to(queries.dtype)
+            q_lookup = self.rope.apply(queries, cos, sin, out_dtype=queries.dtype)
         keys = self.kv_pool.get_key_buffer(layer.layer_id)
         values = self.kv_pool.get_value_buffer(layer.layer_id)
         result = multipole_decode(

@@ -162,7 +162,7 @@ def build_index_steps(
         raise ValueError(f"positions must have shape ({seq},); got {tuple(positions.shape)}")
     else:
         next_position = int(positions[-1]) + 1 if seq else 0
-    lookup_keys = _to_lookup_frame(keys.float(), positions, frame_rope)
+    lookup_keys = _to_lookup_frame(keys, positions, frame_rope)
     start = cfg.sink_tokens
     num_clustered = max(0, seq - start - cfg.recent_window)
     index = ClusterIndex(
@@ -208,7 +208,7 @@ def update_index_steps(
         )
     count = new_keys.shape[1]
     positions = torch.arange(index.next_position, index.next_position + count, device=new_keys.device)
-    lookup_keys = _to_lookup_frame(new_keys.float(), positions, index.rope)
+    lookup_keys = _to_lookup_frame(new_keys, positions, index.rope)
     skip = max(0, index.window_start - index.num_tokens)  # tokens still inside the sink region
     index = replace(
         index,
@@ -261,8 +261,9 @@ def _append_blocks(
     """Cluster the window tokens right after the clustered region as new blocks of `sizes` tokens.
 
     All blocks are clustered in one round (one task each; a block's generator is seeded by where it
-    ends). The window is then cut at the last block's start (a copy, so the keys before it are
-    freed): every earlier block is final.
+    ends). The window is then cut at the last block's start, every earlier block being final. The
+    cut is a view: in the usual fold (no split) it is all but nothing of its tensor, and the next
+    update concatenates the window into a new tensor anyway, which frees the old one.
     """
     if not sizes:
         return index
@@ -303,8 +304,8 @@ def _append_blocks(
             for cuts, counts in zip(index.block_clusters, block_counts, strict=True)
         ),
         window_start=index.window_start + last,
-        window_keys=index.window_keys[:, last:].clone(),
-        window_values=index.window_values[:, last:].clone(),
+        window_keys=index.window_keys[:, last:],
+        window_values=index.window_values[:, last:],
     )
 
 
@@ -473,7 +474,7 @@ def with_window(index: ClusterIndex, keys: torch.Tensor, values: torch.Tensor) -
     positions = torch.arange(index.next_position - count, index.next_position, device=keys.device)
     return replace(
         index,
-        window_keys=_to_lookup_frame(keys.float(), positions, index.rope),
+        window_keys=_to_lookup_frame(keys, positions, index.rope),
         window_values=values.float(),
     )
 
@@ -508,8 +509,8 @@ def _to_lookup_frame(keys: torch.Tensor, positions: torch.Tensor, rope: Rope | N
     whole window back into this frame (`with_window`), where float64 would cost several times more.
     """
     if rope is None:
-        return keys
-    return rope.apply(keys.float(), *rope.cos_sin(-positions, keys.device, torch.float32))
+        return keys.float()
+    return rope.apply(keys, *rope.cos_sin(-positions, keys.device, torch.float32))
 
 
 def _check_kv(keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -38,7 +38,7 @@ class Rope:
         inverse cancel to float32 rounding.
         """
         cos, sin = self.cos_sin(positions, x.device, torch.float64)
-        return self.apply(x.double(), cos, sin).to(x.dtype)
+        return self.apply(x, cos, sin, out_dtype=x.dtype)
 
     def cos_sin(
         self, positions: torch.Tensor | int, device: torch.device | str, dtype: torch.dtype
@@ -67,11 +67,28 @@ class Rope:
             freqs = self._freqs_on[str(device)] = self.inv_freq.to(device=device, dtype=torch.float64)
         return freqs
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate `x[..., n, d]` by precomputed `cos_sin` (a batch reuses them for every layer)."""
-        if self.neox:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    def apply(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Rotate `x[..., n, d]` by precomputed `cos_sin` (a batch reuses them for every layer),
+        computing in their dtype; the result is in `out_dtype` (default: that dtype).
+
+        On a GPU, `[A, B, d]` inputs with float32 angles go through one kernel
+        (`mp_kernels.rotary`): a fold un-rotates whole windows of keys this way.
+        """
+        if x.is_cuda and x.dim() == 3 and cos.dtype == torch.float32:
+            from mp_kernels.rotary import rotate  # here: mp_kernels imports this module
+
+            return rotate(x, cos, sin, self.neox, out_dtype or cos.dtype)
+        return rotate_pairs(x.to(cos.dtype), cos, sin, self.neox).to(out_dtype or cos.dtype)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """The rotation in plain torch, in `x`'s dtype: neox pairs dimension i with i + d/2,
+    otherwise neighbours (2i, 2i+1)."""
+    if neox:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

@@ -6,10 +6,10 @@ CUDA graphs: wall time per decode step over all layers, and the ops that take th
 Needs torch and Triton on a GPU, not sglang: the backend's `KernelDecoder` runs over a pool laid out
 as sglang's (`[slots, H_kv, d]` K/V per layer, `req_to_token`), filled with random keys. The first
 step builds every request's index (timed apart); the next steps are timed with a synchronize
-after each, then a few more run under torch.profiler, whose table (host time per op) is printed.
-The step that folds `update_block` new tokens into every index is timed and profiled too, and one
-more is split into k-means (`solve`), buffer packing (`fill`) and the rest; the memory the index
-table holds per request after the builds is reported too. With
+after each, then a few more run under torch.profiler, whose tables (host time per op, GPU time
+per kernel) are printed. The step that folds `update_block` new tokens into every index is timed
+and profiled too, and one more is split into k-means (`solve`), buffer packing (`fill`) and the
+rest; the memory the index table holds per request after the builds is reported too. With
 `--compare-upkeep`, the first step and the fold are timed again on fresh indexes with the index
 k-means solved task by task (`kmeans_tasks.solve_each`) instead of batched, side by side.
 """
@@ -106,11 +106,21 @@ def main() -> None:
             step(args.context + i)
         sync()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
+    device_table = (
+        prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows)
+        if dev.type == "cuda"
+        else ""
+    )
     fold_ms = 1000 * timed(args.context + cfg.update_block)  # after the steps: a fold is not undone
     with profile(activities=activities) as fold_prof:
         step(args.context + 2 * cfg.update_block)  # the next fold, under the profiler
         sync()
     fold_table = fold_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
+    fold_device_table = (
+        fold_prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows)
+        if dev.type == "cuda"
+        else ""
+    )
     graph_ms = (
         _graph_replay_ms(plan, layers_forward, args.context + 2 * cfg.update_block + 1)
         if dev.type == "cuda"
@@ -140,10 +150,18 @@ def main() -> None:
         **with_solve_each,
     }
     print(table)
+    print(device_table)
     print(fold_table)
+    print(fold_device_table)
     print(json.dumps({k: v for k, v in result.items() if k != "step_ms_all"}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result | {"profile": table, "fold_profile": fold_table}, indent=1))
+    tables = {
+        "profile": table,
+        "device_profile": device_table,
+        "fold_profile": fold_table,
+        "fold_device_profile": fold_device_table,
+    }
+    args.out.write_text(json.dumps(result | tables, indent=1))
 
 
 def _fold_breakdown(decoder: KernelDecoder, timed, seq: int, sync) -> dict[str, float]:

@@ -12,6 +12,7 @@ from mp_kernels.centroid_replace import centroid_replace
 from mp_kernels.decode import multipole_decode
 from mp_kernels.sparse_decode import sparse_decode
 from mp_sglang import clustering, reference
+from mp_sglang.rope import Rope, rotate_pairs
 
 pytestmark = pytest.mark.gpu
 LENS = [3000, 777, 5000]
@@ -104,3 +105,20 @@ def test_kmeans_real_sizes():
             pts.cpu(), labels[b * n : (b + 1) * n].t().long().cpu(), c, block_c.cpu()
         )
         assert torch.allclose(means, block_c.cpu(), atol=1e-4, rtol=1e-4)
+
+
+def test_rotary_real_sizes():
+    """A fold's window of 16 layers x 8 heads (bf16 pool layout, fp32 out) and a batch of queries
+    (bf16 out), through `Rope.apply`'s GPU path, against its torch path on the same inputs."""
+    rope = Rope.standard(128, 500000.0)
+    pool = torch.randn(8320, 128, 128, device="cuda").to(torch.bfloat16)
+    keys = pool.transpose(0, 1)
+    cos, sin = rope.cos_sin(-torch.arange(60000, 68320, device="cuda"), "cuda", torch.float32)
+    got = rope.apply(keys, cos, sin)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, rotate_pairs(keys.float(), cos, sin, True), rtol=1e-5, atol=1e-5)
+    q = torch.randn(8, 32, 128, device="cuda").to(torch.bfloat16)
+    cos, sin = (t.cuda().unsqueeze(1) for t in rope.query_frame([65536 + i for i in range(8)], 64, "cpu"))
+    got = rope.apply(q, cos, sin, out_dtype=torch.bfloat16)
+    want = rotate_pairs(q.float(), cos, sin, True).to(torch.bfloat16)
+    assert (got.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
