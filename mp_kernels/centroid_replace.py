@@ -17,7 +17,10 @@ from mp_kernels._softmax import SPLIT_ALIGN, online_update, split_bounds, store_
 from mp_kernels.dispatch import exact_dots, next_power_of_2, use_triton
 from mp_kernels.layout import LevelTensors
 
-REPLACE_TILE = {"BLOCK_C": 128, "num_warps": 4}  # clusters per tile (swept by bench_kernels.py)
+# Clusters per tile and warps (swept by bench_kernels.py). One stage: Triton's pipelining stages
+# each tile in 86 KB of shared memory, which held the kernel to two programs per SM and cost it
+# 20-30 % (docs/perf.md, kernel item 11).
+REPLACE_TILE = {"BLOCK_C": 128, "num_warps": 4, "num_stages": 1}
 
 
 def centroid_replace(
@@ -164,6 +167,7 @@ def _launch_replace(
         ALIGN=SPLIT_ALIGN,
         IEEE=exact_dots(values.dtype),
         num_warps=REPLACE_TILE["num_warps"],
+        num_stages=REPLACE_TILE["num_stages"],
     )
 
 

@@ -22,6 +22,15 @@ def default_splits(batch: int, heads: int, max_len: int, num_sms: int = 132) -> 
     return max(1, min(wanted, -(-max_len // SPLIT_ALIGN)))
 
 
+def replacement_splits(batch: int, heads: int, max_clusters: int, num_sms: int = 132) -> int:
+    """Splits of the replacement: as many as fill exactly one wave of its programs, two resident
+    per SM (its registers allow two). A partial second wave would cost as much as the first (on
+    the H100, 64K x 8: 5 splits 48.6 us, 4 splits 48.6 us; 32 x 8: 1 split 142.6 us, 2 splits
+    165.1 us; docs/perf.md)."""
+    wanted = 2 * num_sms // max(1, batch * heads)
+    return max(1, min(wanted, -(-max_clusters // SPLIT_ALIGN)))
+
+
 def multipole_decode(
     q: torch.Tensor,
     q_lookup: torch.Tensor,
@@ -43,7 +52,7 @@ def multipole_decode(
     heads = kv.k_buffer.shape[1]
     found = lookup(q_lookup, index, budget, max_exact, level_budget_multiplier, backend=backend)
     exact_splits = exact_splits or default_splits(batch, heads, max_exact)
-    approx_splits = approx_splits or default_splits(batch, heads, index.levels[0].max_clusters)
+    approx_splits = approx_splits or replacement_splits(batch, heads, index.levels[0].max_clusters)
     parts = exact_splits + approx_splits * len(index.levels)
     out_ws = torch.empty(batch, num_q_heads, parts, dim, dtype=torch.float32, device=q.device)
     lse_ws = torch.empty(batch, num_q_heads, parts, dtype=torch.float32, device=q.device)

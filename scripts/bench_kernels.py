@@ -32,7 +32,7 @@ from mp_kernels import kmeans
 from mp_kernels import sparse_decode as sparse_module
 from mp_kernels.centroid_lookup import centroid_scores, lookup, select_within_budget
 from mp_kernels.centroid_replace import centroid_replace, merge_partials
-from mp_kernels.decode import default_splits, multipole_decode
+from mp_kernels.decode import default_splits, multipole_decode, replacement_splits
 from mp_kernels.layout import BatchIndex, LevelTensors, PagedKV
 from mp_kernels.sparse_decode import sparse_decode
 
@@ -301,7 +301,7 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
         budget = torch.full((batch,), int(frac * ctx), dtype=torch.int32, device=DEVICE)
         max_exact = SINKS + int(frac * ctx) + RECENT
         s_exact = default_splits(batch, HKV, max_exact)
-        s_apx = default_splits(batch, HKV, level.max_clusters)
+        s_apx = replacement_splits(batch, HKV, level.max_clusters)
         found = lookup(q, index, budget, max_exact)
         parts = [
             sparse_decode(q, kv, found.token_pos, found.token_len, s_exact),
