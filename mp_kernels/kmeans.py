@@ -189,17 +189,24 @@ def lloyd(
     generators: Sequence[torch.Generator],
     weights: torch.Tensor | None = None,
     backend: str | None = None,
+    segments: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations of every segment, as `clustering.lloyd` on each: a segment left with an
-    empty cluster re-seeds it at random points drawn from its own generator (`generators[b]`);
-    returns fp32 centroids and labels."""
+    """Lloyd iterations of every segment, as `clustering.lloyd` on each: after every iteration but
+    the last, a segment's empty clusters move to random points drawn from its own generator
+    (`generators[b]`); returns fp32 centroids and labels.
+
+    `segments` (host `(point start, point end, cluster start, cluster end)` per segment, as
+    `_segments` reads them from the device tensors) spares that read: with it, no step waits for
+    the GPU.
+    """
     seg = (point_start, num_points, cluster_start)
+    if segments is None:
+        segments = list(_segments(point_start, num_points, cluster_start, num_clusters))
     for it in range(iters):
         labels = assign(points, centroids, *seg, num_clusters, max_points, backend)
         centroids, totals = cluster_means(points, labels, *seg, centroids, max_points, weights, backend)
-        empty = totals == 0
-        if it < iters - 1 and bool(empty.any()):
-            centroids = _reseed(points, centroids, empty, seg, num_clusters, generators)
+        if it < iters - 1:
+            centroids = _reseed(points, centroids, totals == 0, segments, generators)
     labels = assign(points, centroids, *seg, num_clusters, max_points, backend)
     centroids, _ = cluster_means(points, labels, *seg, centroids, max_points, weights, backend)
     return centroids, labels
@@ -251,8 +258,10 @@ def _solve_segments(tasks, chosen, results, points_dtype, backend) -> None:
     init = _rows_of([t.init for t in group], torch.float32)
     weights = None if group[0].weights is None else torch.cat([t.weights.t() for t in group])
     generators = [t.generator for t in group]
+    bounds = zip(point_starts, sizes, cluster_starts, clusters, strict=True)
+    segments = [(ps, ps + n, cs, cs + k) for ps, n, cs, k in bounds]
     centroids, labels = lloyd(
-        points, init, *seg, num_clusters, max(sizes), group[0].iters, generators, weights, backend
+        points, init, *seg, num_clusters, max(sizes), group[0].iters, generators, weights, backend, segments
     )
     fallback = init.new_zeros(init.shape[0], init.shape[1], values.shape[2])
     value_means, totals = cluster_means(values, labels, *seg, fallback, max(sizes), weights, backend)
@@ -278,21 +287,23 @@ def _rows_of(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _reseed(points, centroids, empty, seg, num_clusters, generators):
-    point_start, num_points, cluster_start = seg
-    heads = points.shape[1]
-    empty_rows = empty.any(dim=1).cpu()  # one host read for all segments
-    segments = _segments(point_start, num_points, cluster_start, num_clusters)
+def _reseed(
+    points: torch.Tensor,
+    centroids: torch.Tensor,
+    empty: torch.Tensor,
+    segments: Sequence[tuple[int, int, int, int]],
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """Empty clusters moved to random points of their segment: every segment draws (as
+    `clustering.lloyd` does) and one gather and select apply the draws, so nothing is read back."""
+    heads, dim = points.shape[1], points.shape[2]
+    picks = torch.zeros(centroids.shape[0], heads, dtype=torch.long)  # rows outside segments: unused
     for (ps, pe, cs, ce), generator in zip(segments, generators, strict=True):
-        if ce > cs and pe > ps and bool(empty_rows[cs:ce].any()):
-            drawn = torch.randint(0, pe - ps, (heads, ce - cs), generator=generator)
-            picks = clustering.to_device(drawn, points.device)
-            seeds = torch.gather(
-                points[ps:pe].transpose(0, 1).float(), 1, picks.unsqueeze(-1).expand(-1, -1, points.shape[-1])
-            )
-            rows = centroids[cs:ce]
-            centroids[cs:ce] = torch.where(empty[cs:ce].unsqueeze(-1), seeds.transpose(0, 1), rows)
-    return centroids
+        if ce > cs and pe > ps:
+            picks[cs:ce] = torch.randint(0, pe - ps, (heads, ce - cs), generator=generator).t() + ps
+    picks = clustering.to_device(picks, points.device)
+    seeds = torch.gather(points, 0, picks.unsqueeze(-1).expand(-1, -1, dim)).float()
+    return torch.where(empty.unsqueeze(-1), seeds, centroids)
 
 
 def _segments(point_start, num_points, cluster_start, num_clusters):

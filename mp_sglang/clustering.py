@@ -91,19 +91,20 @@ def lloyd(
     """Lloyd iterations from `centroids`; returns the final labels and their exact member means.
 
     A cluster left empty by an iteration (other than the last) is re-seeded at a random point, as
-    the paper's k-means does, so that centroids are not wasted. The returned centroids are the
-    means of the returned labels, so counts and means always describe the assignment exactly.
+    the paper's k-means does, so that centroids are not wasted. The points are drawn after every
+    such iteration whether or not a cluster is empty: deciding on the host would wait for the GPU
+    once per iteration. The returned centroids are the means of the returned labels, so counts and
+    means always describe the assignment exactly.
     """
     heads, n, _ = points.shape
     num_clusters = centroids.shape[1]
     for it in range(iters):
         labels = assign(points, centroids)
         centroids, totals = cluster_means(points, labels, num_clusters, centroids, weights)
-        empty = totals == 0
-        if it < iters - 1 and bool(empty.any()):
+        if it < iters - 1:
             picks = to_device(torch.randint(0, n, (heads, num_clusters), generator=generator), points.device)
             reseeded = torch.gather(points, 1, picks.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
-            centroids = torch.where(empty.unsqueeze(-1), reseeded, centroids)
+            centroids = torch.where((totals == 0).unsqueeze(-1), reseeded, centroids)
     labels = assign(points, centroids)
     centroids, _ = cluster_means(points, labels, num_clusters, centroids, weights)
     return centroids, labels
