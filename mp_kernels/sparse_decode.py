@@ -21,7 +21,7 @@ from mp_kernels.layout import PagedKV
 
 # Tokens per tile and warps: 64 x 8 uses 241 registers with no spill on sm_90 (ptxas report); 64 x 4
 # and 128 x 8 spill. Module-level so the benchmark can compare tile shapes.
-SPARSE_TILE = {"BLOCK_N": 64, "num_warps": 8}
+SPARSE_TILE = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
 def sparse_decode(
@@ -145,7 +145,7 @@ def _launch(
         ALIGN=SPLIT_ALIGN,
         IEEE=ieee,
         num_warps=SPARSE_TILE["num_warps"],
-        num_stages=2,
+        num_stages=SPARSE_TILE["num_stages"],
     )
 
 

@@ -384,19 +384,20 @@ def _hierarchy_row(ctx, mode, k_pool, v_pool, q) -> dict:
 
 
 def _tile_variants(ctx, batch, q, kv, found, splits, current_ms) -> dict:
-    """The sparse kernel under other tile shapes (tokens per tile x warps) on the same list."""
+    """The sparse kernel under other tile shapes (tokens per tile x warps), one pipelining stage,
+    and other split counts (half, double, and whole waves of one program per SM) on the same list."""
     row = {"ctx": ctx, "batch": batch, "current": dict(sparse_module.SPARSE_TILE), "current_ms": current_ms}
     saved = dict(sparse_module.SPARSE_TILE)
-    for block_n, warps in ((32, 4), (32, 8), (16, 4), (64, 4)):
-        sparse_module.SPARSE_TILE.update(BLOCK_N=block_n, num_warps=warps)
-        row[f"{block_n}x{warps}"] = _time_graph(
+    for block_n, warps, stages in ((32, 4, 2), (32, 8, 2), (16, 4, 2), (64, 4, 2), (64, 8, 1)):
+        sparse_module.SPARSE_TILE.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        row[f"{block_n}x{warps}" + ("" if stages == 2 else f"s{stages}")] = _time_graph(
             lambda: sparse_decode(q, kv, found.token_pos, found.token_len, splits)
         )
-    for splits_x in (0.5, 2.0):
-        sparse_module.SPARSE_TILE.update(saved)
-        n = max(1, int(splits * splits_x))
-        row[f"splits={n}"] = _time_graph(lambda: sparse_decode(q, kv, found.token_pos, found.token_len, n))
     sparse_module.SPARSE_TILE.update(saved)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
+    waves = [w * sms // (batch * HKV) for w in (1, 2)]
+    for n in sorted({max(1, int(splits * 0.5)), max(1, int(splits * 2.0)), *(w for w in waves if w)}):
+        row[f"splits={n}"] = _time_graph(lambda: sparse_decode(q, kv, found.token_pos, found.token_len, n))
     print(json.dumps(row), flush=True)
     return row
 
@@ -415,9 +416,9 @@ def _replace_variants(ctx, batch, found, level, splits, current_ms) -> dict:
     def timed(n: int) -> float:
         return _time_graph(lambda: centroid_replace(found.logits[0], found.selected[0], level, n))
 
-    for block_c, warps in ((32, 4), (64, 4), (128, 8), (128, 4)):
-        replace_module.REPLACE_TILE.update(BLOCK_C=block_c, num_warps=warps)
-        row[f"{block_c}x{warps}"] = timed(splits)
+    for block_c, warps, stages in ((32, 4, 1), (64, 4, 1), (128, 8, 1), (128, 4, 3)):
+        replace_module.REPLACE_TILE.update(BLOCK_C=block_c, num_warps=warps, num_stages=stages)
+        row[f"{block_c}x{warps}s{stages}"] = timed(splits)
     replace_module.REPLACE_TILE.update(saved)
     for splits_x in (2, 4, 8):
         row[f"splits={splits * splits_x}"] = timed(splits * splits_x)
