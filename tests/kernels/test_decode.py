@@ -8,7 +8,7 @@ from _inputs import make_batch, small_config
 
 from mp_kernels.centroid_lookup import lookup
 from mp_kernels.centroid_replace import centroid_replace, merge_partials
-from mp_kernels.decode import multipole_decode
+from mp_kernels.decode import multipole_decode, replacement_splits
 from mp_sglang import reference
 
 LENS = [9, 75, 130, 41]
@@ -74,3 +74,15 @@ def test_replace_and_merge_match_reference():
             spec_out, spec_lse = reference.merge_partials(spec_out, spec_lse, parts[:, :, p], lses[:, :, p])
         assert (ref_out.float() - spec_out.to(out_dtype).float()).norm() <= tol * spec_out.norm()
         assert torch.allclose(lse[torch.isfinite(lse)], spec_lse[torch.isfinite(spec_lse)], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "batch,clusters,want",
+    [(1, 8200, 33), (8, 4400, 4), (32, 4400, 1), (64, 4400, 1), (1, 100, 2)],
+)
+def test_replacement_splits_fill_one_wave(batch, clusters, want):
+    """Two resident programs per SM: as many splits as make one wave of 2 x 132 programs, at
+    least one, and never more than the clusters allow (one aligned chunk each)."""
+    splits = replacement_splits(batch, 8, clusters)
+    assert splits == want
+    assert batch * 8 * splits <= 2 * 132 or splits == 1
