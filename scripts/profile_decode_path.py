@@ -105,22 +105,12 @@ def main() -> None:
         for i in range(args.steps + 1, args.steps + 4):
             step(args.context + i)
         sync()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
-    device_table = (
-        prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows)
-        if dev.type == "cuda"
-        else ""
-    )
+    table, device_table = _tables(prof, args.rows, dev.type == "cuda")
     fold_ms = 1000 * timed(args.context + cfg.update_block)  # after the steps: a fold is not undone
     with profile(activities=activities) as fold_prof:
         step(args.context + 2 * cfg.update_block)  # the next fold, under the profiler
         sync()
-    fold_table = fold_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
-    fold_device_table = (
-        fold_prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows)
-        if dev.type == "cuda"
-        else ""
-    )
+    fold_table, fold_device_table = _tables(fold_prof, args.rows, dev.type == "cuda")
     graph_ms = (
         _graph_replay_ms(plan, layers_forward, args.context + 2 * cfg.update_block + 1)
         if dev.type == "cuda"
@@ -162,6 +152,13 @@ def main() -> None:
         "fold_device_profile": fold_device_table,
     }
     args.out.write_text(json.dumps(result | tables, indent=1))
+
+
+def _tables(prof: profile, rows: int, on_gpu: bool) -> tuple[str, str]:
+    """The profile's ops by host time, and by GPU time (empty without a GPU)."""
+    averages = prof.key_averages()
+    by_device = averages.table(sort_by="self_device_time_total", row_limit=rows) if on_gpu else ""
+    return averages.table(sort_by="self_cpu_time_total", row_limit=rows), by_device
 
 
 def _fold_breakdown(decoder: KernelDecoder, timed, seq: int, sync) -> dict[str, float]:
