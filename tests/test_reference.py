@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from clustered_data import clustered_kv
 
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.reference import (
+    ClusterIndex,
     build_index,
     decode_attention,
     decode_view,
@@ -272,20 +274,43 @@ def test_rope_rotations_compose_and_invert(generator):
     )
 
 
+def _index_on(index: ClusterIndex, device: str) -> ClusterIndex:
+    """The same index with every tensor on `device`."""
+    levels = tuple(
+        replace(lvl, **{f.name: getattr(lvl, f.name).to(device) for f in fields(lvl)}) for lvl in index.levels
+    )
+    return replace(
+        index,
+        levels=levels,
+        window_keys=index.window_keys.to(device),
+        window_values=index.window_values.to(device),
+    )
+
+
 @pytest.mark.gpu
 def test_reference_runs_on_cuda_and_matches_cpu(generator):
+    # Decoding from the same index agrees to float rounding. The clusterings themselves may part
+    # at a near-tie (a point equidistant from two centroids up to rounding), so they are compared
+    # by how many tokens share a cluster, not bit for bit.
     heads, q_heads, dim = 4, 16, 64
     rope = Rope.standard(dim)
     keys, values = roped_kv(heads, 3000, dim, generator, rope)
     q = torch.randn(q_heads, dim, generator=generator)
     cfg = MultipoleConfig(token_budget=0.05, levels=2, **SMALL)
-    outs = []
+    indexes = []
     for device in ("cpu", "cuda"):
         k, v = keys.to(device), values.to(device)
         index = build_index(k[:, :2900], v[:, :2900], cfg, rope=rope)
-        index = update_index(index, k[:, 2900:], v[:, 2900:], cfg)
-        outs.append(decode_attention(q.to(device), k, v, index, cfg).cpu())
-    assert rel_err(outs[1], outs[0]) <= 1e-4
+        indexes.append(update_index(index, k[:, 2900:], v[:, 2900:], cfg))
+    on_cpu, on_cuda = indexes
+    for cpu_level, cuda_level in zip(on_cpu.levels, on_cuda.levels, strict=True):
+        same = (cpu_level.labels == cuda_level.labels.cpu()).float().mean().item()
+        assert same >= 0.999
+    expected = decode_attention(q, keys, values, on_cpu, cfg)
+    got = decode_attention(q.cuda(), keys.cuda(), values.cuda(), _index_on(on_cpu, "cuda"), cfg).cpu()
+    assert rel_err(got, expected) <= 1e-5
+    decoded_with_own_index = decode_attention(q.cuda(), keys.cuda(), values.cuda(), on_cuda, cfg).cpu()
+    assert torch.isfinite(decoded_with_own_index).all()
 
 
 def test_positions_carry_from_build_to_updates(generator):
