@@ -6,9 +6,10 @@ import pytest
 import torch
 from _inputs import make_batch, small_config
 
+from mp_kernels._softmax import SPLIT_ALIGN
 from mp_kernels.centroid_lookup import lookup
 from mp_kernels.centroid_replace import centroid_replace, merge_partials
-from mp_kernels.decode import multipole_decode, replacement_splits
+from mp_kernels.decode import MAX_EXACT_SPLITS, default_splits, multipole_decode, replacement_splits
 from mp_sglang import reference
 
 LENS = [9, 75, 130, 41]
@@ -86,3 +87,15 @@ def test_replacement_splits_fill_one_wave(batch, clusters, want):
     splits = replacement_splits(batch, 8, clusters)
     assert splits == want
     assert batch * 8 * splits <= 2 * 132 or splits == 1
+
+
+@pytest.mark.parametrize(
+    "batch,tokens,want",
+    [(1, 2760, 44), (1, 100_000, 64), (8, 1448, 17), (8, 700, 11), (32, 1448, 5), (64, 1448, 3)],
+)
+def test_exact_splits_give_about_eight_programs_per_sm(batch, tokens, want):
+    """At least eight programs per SM when the token list is long enough, each split holding at
+    least one aligned chunk of `SPLIT_ALIGN` tokens, and no more splits than the merge takes."""
+    splits = default_splits(batch, 8, tokens)
+    assert splits == want
+    assert batch * 8 * splits >= 8 * 132 or splits in (-(-tokens // SPLIT_ALIGN), MAX_EXACT_SPLITS)
