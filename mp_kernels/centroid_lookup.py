@@ -10,9 +10,10 @@ Three launches per decode step (one more pair per extra hierarchy level), none n
 
 Selection without a sort: with positive sizes, the prefix "descending importance while cumulative
 size <= budget" is exactly the clusters whose key exceeds a threshold, plus a prefix (by cluster id)
-of those whose key equals it. The key is the importance's fp32 bit pattern (monotone for values
->= 0), the threshold is found by 32 rounds of bisection over the key range, each a register-resident
-reduction. Tie rule = the reference's stable sort: equal importance, lower cluster id first.
+of those whose key equals it. The key is the top 16 bits of the importance's fp32 bit pattern
+(monotone for values >= 0; the reference ranks by the same truncation, `reference.ranking_key`), the
+threshold is found by 16 rounds of bisection over the key range, each a register-resident
+reduction. Tie rule = the reference's stable sort: equal key, lower cluster id first.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import triton.language as tl
 
 from mp_kernels.dispatch import exact_dots, next_power_of_2, use_triton
 from mp_kernels.layout import BatchIndex, LevelTensors
+from mp_sglang.reference import ranking_key
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,7 @@ def _select_reference(
         counts = torch.zeros(heads, max_c, dtype=torch.long, device=logits.device)
         n = int(level.num_clusters[b])
         counts[:, :n] = level.counts[start : start + n].t().long()
-        ranked = importance.masked_fill(~eligible, -1.0)
+        ranked = ranking_key(importance).masked_fill(~eligible, -1.0)
         order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
         sizes = torch.where(eligible, counts, 0).gather(1, order)
         fits = (sizes.cumsum(-1) <= int(budget[b])) & eligible.gather(1, order)
@@ -360,13 +362,13 @@ def _select_kernel(
     eligible = tl.load(base + c, mask=in_range, other=float("-inf")) > float("-inf")
     row0 = tl.load(cluster_start + b).to(tl.int64)
     sizes = tl.load(counts + (row0 + c) * stride_nr + h * stride_nh, mask=eligible, other=0)
-    key = tl.where(eligible, importance.to(tl.int32, bitcast=True), -1)
+    key = tl.where(eligible, importance.to(tl.int32, bitcast=True) >> 16, -1)
     cap = tl.load(budget + b)
 
     # Largest key value v whose clusters (key >= v) together exceed the budget.
     lo = tl.zeros([], tl.int32) - 1
-    hi = tl.zeros([], tl.int32) + 0x7F800001
-    for _ in range(32):
+    hi = tl.zeros([], tl.int32) + 0x7F81  # above every finite key
+    for _ in range(16):
         mid = lo + (hi - lo) // 2
         over = tl.sum(tl.where(key >= mid, sizes, 0), axis=0) > cap
         lo = tl.where(over, mid, lo)

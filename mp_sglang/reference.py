@@ -589,11 +589,20 @@ def _take_within_budget(
     importance: torch.Tensor, counts: torch.Tensor, eligible: torch.Tensor, budget: float
 ) -> torch.Tensor:
     """Clusters in descending importance while their cumulative size stays within `budget`."""
-    ranked = importance.masked_fill(~eligible, -1.0)
+    ranked = ranking_key(importance).masked_fill(~eligible, -1.0)
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     sizes = torch.where(eligible, counts, torch.zeros_like(counts)).gather(1, order)
     fits = (sizes.cumsum(dim=-1) <= budget) & eligible.gather(1, order)
     return torch.zeros_like(eligible).scatter(1, order, fits)
+
+
+def ranking_key(importance: torch.Tensor) -> torch.Tensor:
+    """Importance truncated to bfloat16 precision (8 significant bits): what clusters are ranked
+    by, ties going to the lower cluster id. Half the bits halve the decode kernel's threshold
+    search (16 dependent reductions instead of 32), and clusters this close in importance are
+    interchangeable for the approximation."""
+    bits = importance.float().contiguous().view(torch.int32)
+    return (bits & -(1 << 16)).view(torch.float32)
 
 
 def approximate_attention(

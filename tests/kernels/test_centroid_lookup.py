@@ -6,7 +6,8 @@ import pytest
 import torch
 from _inputs import make_batch, small_config
 
-from mp_kernels.centroid_lookup import lookup
+from mp_kernels.centroid_lookup import lookup, select_within_budget
+from mp_kernels.layout import LevelTensors
 from mp_sglang import reference
 
 LENS = [9, 75, 130, 41]  # 9: nothing clustered (all sink + recent); others: 1-4 k-means blocks
@@ -42,3 +43,21 @@ def test_lookup_matches_reference(budget, levels):
             logits = got.logits[lvl][b, :, :n].reshape(3, 2, n)
             approx = torch.isfinite(logits[:, 0]) & (got.selected[lvl][b, :, :n] == 0)
             assert torch.equal(approx, spec.approx[lvl])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_importance_ties_below_bfloat16_precision_go_to_the_lower_cluster_id(backend):
+    # Cluster 2 leads; cluster 1 beats cluster 0 by a factor 1 + 1e-4, below the 8 significant
+    # bits the selection ranks by, so the two tie and the budget's second slot goes to cluster 0.
+    logits = torch.tensor([[[0.0, 1e-4, 0.85, -20.0]]])
+    importance = torch.softmax(logits[0, 0], dim=-1)
+    assert importance[1] > importance[0]
+    assert reference.ranking_key(importance[:2]).unique().numel() == 1
+    counts = torch.full((4, 1), 4, dtype=torch.int32)
+    zero, four = torch.zeros(1, dtype=torch.int32), torch.full((1,), 4, dtype=torch.int32)
+    level = LevelTensors(torch.zeros(4, 1, 8), torch.zeros(4, 1, 8), counts, zero, four, 4)
+    budget = torch.tensor([8], dtype=torch.int32)
+    assert select_within_budget(logits, level, budget, backend).selected[0, 0].tolist() == [1, 0, 1, 0]
+    # A clear preference is still followed.
+    logits[0, 0, 1] = 0.1
+    assert select_within_budget(logits, level, budget, backend).selected[0, 0].tolist() == [0, 1, 1, 0]
