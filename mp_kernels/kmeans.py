@@ -44,22 +44,69 @@ def assign(
 
     Rows outside every segment are left unwritten.
     """
-    heads, dim = points.shape[1], points.shape[2]
-    labels = torch.empty(points.shape[:2], dtype=torch.int32, device=points.device)
+    seg = (point_start, num_points, cluster_start, num_clusters)
     if not use_triton(points, backend):
-        for ps, pe, cs, ce in _segments(point_start, num_points, cluster_start, num_clusters):
-            if pe > ps and ce > cs:
-                got = clustering.assign(
-                    points[ps:pe].transpose(0, 1).float(), centroids[cs:ce].transpose(0, 1).float()
-                )
-                labels[ps:pe] = got.t().to(torch.int32)
-        return labels
+        return _assign_reference(points, centroids, *seg)
+    labels = torch.empty(points.shape[:2], dtype=torch.int32, device=points.device)
+    _launch_assign(points, centroids, *seg, max_points, labels, None)
+    return labels
+
+
+@torch.no_grad()
+def assign_and_sum(
+    points: torch.Tensor,
+    centroids: torch.Tensor,
+    point_start: torch.Tensor,
+    num_points: torch.Tensor,
+    cluster_start: torch.Tensor,
+    num_clusters: torch.Tensor,
+    max_points: int,
+    weights: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`assign`, then `cluster_sums` of the new labels: (labels, sums, totals).
+
+    On the GPU one launch does both: each program adds its points to their clusters' sums while
+    it still holds them, so a Lloyd iteration reads the points once, not twice.
+    """
+    seg = (point_start, num_points, cluster_start, num_clusters)
+    num_rows = centroids.shape[0]
+    if not use_triton(points, backend):
+        labels = _assign_reference(points, centroids, *seg)
+        sums, totals = cluster_sums(points, labels, *seg[:3], num_rows, max_points, weights, backend)
+        return labels, sums, totals
+    labels = torch.empty(points.shape[:2], dtype=torch.int32, device=points.device)
+    sums, totals = _zero_sums(points, num_rows)
+    _launch_assign(points, centroids, *seg, max_points, labels, (sums, totals, weights))
+    return labels, sums, totals
+
+
+def _assign_reference(
+    points, centroids, point_start, num_points, cluster_start, num_clusters
+) -> torch.Tensor:
+    labels = torch.empty(points.shape[:2], dtype=torch.int32, device=points.device)
+    for ps, pe, cs, ce in _segments(point_start, num_points, cluster_start, num_clusters):
+        if pe > ps and ce > cs:
+            got = clustering.assign(
+                points[ps:pe].transpose(0, 1).float(), centroids[cs:ce].transpose(0, 1).float()
+            )
+            labels[ps:pe] = got.t().to(torch.int32)
+    return labels
+
+
+def _launch_assign(
+    points, centroids, point_start, num_points, cluster_start, num_clusters, max_points, labels, into
+):
+    """The assignment kernel; with `into = (sums, totals, weights or None)` it also accumulates."""
+    heads, dim = points.shape[1], points.shape[2]
     ieee = exact_dots(points.dtype)
     # Centroids in the points' dtype and their fp32 squared norms, made once per call: every
     # program of the launch reads them (through L2), so halving their bytes and computing the
     # norms once (not once per program) is what the tile loop saves.
     cent = centroids if ieee else centroids.to(points.dtype)
     norms = centroids.float().square().sum(-1)
+    sums, totals, weights = into if into is not None else (labels, labels, None)
+    w = weights if weights is not None else totals
     tile = _ASSIGN_TILE_FP32 if ieee else ASSIGN_TILE
     _assign_kernel[(point_start.shape[0] * heads, triton.cdiv(max_points, tile["BLOCK_P"]))](
         points,
@@ -70,6 +117,9 @@ def assign(
         cluster_start,
         num_clusters,
         labels,
+        w,
+        sums,
+        totals,
         heads,
         points.stride(0),
         points.stride(1),
@@ -79,11 +129,24 @@ def assign(
         norms.stride(1),
         labels.stride(0),
         labels.stride(1),
+        w.stride(0),
+        w.stride(1),
+        sums.stride(0),
+        sums.stride(1),
+        totals.stride(0),
+        totals.stride(1),
         D=dim,
         IEEE=ieee,
+        ACCUMULATE=into is not None,
+        HAS_WEIGHTS=weights is not None,
         **tile,
     )
-    return labels
+
+
+def _zero_sums(points: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    heads, dim = points.shape[1], points.shape[2]
+    sums = torch.zeros(num_rows, heads, dim, dtype=torch.float32, device=points.device)
+    return sums, torch.zeros(num_rows, heads, dtype=torch.float32, device=points.device)
 
 
 @torch.no_grad()
@@ -100,8 +163,7 @@ def cluster_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster (weighted) sums `[num_rows, H, d]` and total weights `[num_rows, H]`, fp32."""
     heads, dim = points.shape[1], points.shape[2]
-    sums = torch.zeros(num_rows, heads, dim, dtype=torch.float32, device=points.device)
-    totals = torch.zeros(num_rows, heads, dtype=torch.float32, device=points.device)
+    sums, totals = _zero_sums(points, num_rows)
     if not use_triton(points, backend):
         for b in range(point_start.shape[0]):
             ps, n, cs = int(point_start[b]), int(num_points[b]), int(cluster_start[b])
@@ -171,10 +233,14 @@ def cluster_means(
         weights,
         backend,
     )
-    means = torch.where(
+    return _means(sums, totals, fallback), totals
+
+
+def _means(sums: torch.Tensor, totals: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Sums over totals; an empty cluster keeps its `fallback` row."""
+    return torch.where(
         totals.unsqueeze(-1) > 0, sums / totals.clamp_min(1e-30).unsqueeze(-1), fallback.float()
     )
-    return means, totals
 
 
 def lloyd(
@@ -202,13 +268,13 @@ def lloyd(
     seg = (point_start, num_points, cluster_start)
     if segments is None:
         segments = list(_segments(point_start, num_points, cluster_start, num_clusters))
-    for it in range(iters):
-        labels = assign(points, centroids, *seg, num_clusters, max_points, backend)
-        centroids, totals = cluster_means(points, labels, *seg, centroids, max_points, weights, backend)
+    for it in range(iters + 1):
+        labels, sums, totals = assign_and_sum(
+            points, centroids, *seg, num_clusters, max_points, weights, backend
+        )
+        centroids = _means(sums, totals, centroids)
         if it < iters - 1:
             centroids = _reseed(points, centroids, totals == 0, segments, generators)
-    labels = assign(points, centroids, *seg, num_clusters, max_points, backend)
-    centroids, _ = cluster_means(points, labels, *seg, centroids, max_points, weights, backend)
     return centroids, labels
 
 
@@ -323,6 +389,9 @@ def _assign_kernel(
     cluster_start,
     num_clusters,
     labels,
+    weights,
+    sums,
+    totals,
     H,
     stride_pr,
     stride_ph,
@@ -332,10 +401,18 @@ def _assign_kernel(
     stride_nh,
     stride_lr,
     stride_lh,
+    stride_wr,
+    stride_wh,
+    stride_sr,
+    stride_sh,
+    stride_tr,
+    stride_th,
     D: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // H
@@ -371,6 +448,39 @@ def _assign_kernel(
         best = tl.where(better, tile_best, best)
         best_id = tl.where(better, tile_id, best_id)
     tl.store(labels + rows * stride_lr + h * stride_lh, best_id, mask=valid)
+    if ACCUMULATE:
+        w_at = weights + rows * stride_wr + h * stride_wh
+        sums_h, totals_h = sums + h * stride_sh, totals + h * stride_th
+        _accumulate(pts, c0 + best_id, valid, w_at, sums_h, stride_sr, totals_h, stride_tr, D, HAS_WEIGHTS)
+
+
+@triton.jit
+def _accumulate(
+    pts,
+    target,
+    valid,
+    w_at,
+    sums_h,
+    stride_sr,
+    totals_h,
+    stride_tr,
+    D: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+):
+    """Add (weighted) points to rows `target` of one head's sums, and the weights to its totals
+    (fp32 atomics); `w_at` points at the points' weights when there are any."""
+    if HAS_WEIGHTS:
+        w = tl.load(w_at, mask=valid, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(valid, 1.0, 0.0)
+    d = tl.arange(0, D)
+    tl.atomic_add(
+        sums_h + target[:, None] * stride_sr + d[None, :],
+        pts.to(tl.float32) * w[:, None],
+        mask=valid[:, None],
+        sem="relaxed",
+    )
+    tl.atomic_add(totals_h + target * stride_tr, w, mask=valid, sem="relaxed")
 
 
 @triton.jit
@@ -407,18 +517,10 @@ def _sums_kernel(
     rows = tl.load(point_start + b).to(tl.int64) + offs
     d = tl.arange(0, D)
     lab = tl.load(labels + rows * stride_lr + h * stride_lh, mask=valid, other=0)
-    target = tl.load(cluster_start + b).to(tl.int64) + lab
     pts = tl.load(
         points + rows[:, None] * stride_pr + h * stride_ph + d[None, :], mask=valid[:, None], other=0.0
     )
-    if HAS_WEIGHTS:
-        w = tl.load(weights + rows * stride_wr + h * stride_wh, mask=valid, other=0.0).to(tl.float32)
-    else:
-        w = tl.where(valid, 1.0, 0.0)
-    tl.atomic_add(
-        sums + target[:, None] * stride_sr + h * stride_sh + d[None, :],
-        pts.to(tl.float32) * w[:, None],
-        mask=valid[:, None],
-        sem="relaxed",
-    )
-    tl.atomic_add(totals + target * stride_tr + h * stride_th, w, mask=valid, sem="relaxed")
+    target = tl.load(cluster_start + b).to(tl.int64) + lab
+    w_at = weights + rows * stride_wr + h * stride_wh
+    sums_h, totals_h = sums + h * stride_sh, totals + h * stride_th
+    _accumulate(pts, target, valid, w_at, sums_h, stride_sr, totals_h, stride_tr, D, HAS_WEIGHTS)

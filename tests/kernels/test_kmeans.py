@@ -46,6 +46,23 @@ def test_assign_and_sums_match_clustering():
         assert torch.allclose(totals[c0 : c0 + c].t(), ref_totals, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_assign_and_sum_in_one_launch_equals_the_two_steps(weighted):
+    gen = torch.Generator().manual_seed(3)
+    sizes = [(150, 70), (7, 7), (0, 0), (33, 1)]
+    points, centroids, ps, npts, cs, ncl = _segments(sizes, gen)
+    weights = torch.rand(points.shape[:2], generator=gen) if weighted else None
+    labels, sums, totals = kmeans.assign_and_sum(points, centroids, ps, npts, cs, ncl, 150, weights, "triton")
+    want_labels = kmeans.assign(points, centroids, ps, npts, cs, ncl, 150, backend="triton")
+    inside = torch.cat([torch.arange(p, p + n) for p, n in zip(ps.tolist(), npts.tolist(), strict=True)])
+    assert torch.equal(labels[inside], want_labels[inside])
+    want_sums, want_totals = kmeans.cluster_sums(
+        points, want_labels, ps, npts, cs, centroids.shape[0], 150, weights, "triton"
+    )
+    assert torch.allclose(sums, want_sums, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(totals, want_totals, atol=1e-5, rtol=1e-5)
+
+
 def test_lloyd_matches_clustering_lloyd():
     gen = torch.Generator().manual_seed(2)
     points, centroids, ps, npts, cs, ncl = _segments([(90, 24)], gen)
@@ -144,3 +161,34 @@ def test_batched_solver_clusters_points_in_the_given_dtype():
     means, _ = clustering.cluster_means(rounded, got.labels, 6, got.centroids)
     assert torch.allclose(got.centroids, means, atol=1e-5)
     assert got.value_means.shape == (HEADS, 6, 8)
+
+
+def test_a_fold_may_hold_its_window_in_the_cache_dtype():
+    """A windowless fold through the bf16 batched solver, its window held in bf16 (what the GPU
+    decoder does) or in fp32: the solver rounds the keys to bf16 either way, so the two folds
+    cluster the same points and part only through seeds of rounded vs. unrounded new keys."""
+    from functools import partial
+
+    from clustered_data import clustered_kv
+
+    from mp_sglang.kmeans_tasks import run
+    from mp_sglang.reference import build_index, update_windowless_index_steps, without_window
+    from mp_sglang.rope import Rope
+
+    cfg, rope = _small_cfg(1), Rope.standard(DIM)
+    keys, values = clustered_kv(HEADS, 300, DIM, 12, torch.Generator().manual_seed(6))
+    keys, values = rope.rotate(keys, torch.arange(300)).to(torch.bfloat16), values.to(torch.bfloat16)
+    bare = without_window(build_index(keys[:, :280].float(), values[:, :280].float(), cfg, rope=rope))
+    solve = partial(kmeans.solve_batched, points_dtype=torch.bfloat16, backend="triton")
+    window = (keys[:, bare.window_start :], values[:, bare.window_start :])
+    folds = [
+        run(update_windowless_index_steps(bare, *window, cfg, window_dtype=dtype), solve)
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+    assert folds[1].window_keys.dtype == torch.bfloat16
+    assert folds[1].num_clustered == folds[0].num_clustered > bare.num_clustered
+    labels = [fold.levels[0].labels for fold in folds]
+    assert (labels[0] == labels[1]).float().mean() >= 0.95
+    assert torch.equal(folds[0].levels[0].counts.sum(-1), folds[1].levels[0].counts.sum(-1))
+    for fold in folds:
+        assert fold.levels[0].centroids.dtype == fold.levels[0].value_centroids.dtype == torch.float32
