@@ -131,9 +131,11 @@ class IndexTable:
         rope: Rope | None,
         solve: Solver = solve_each,
         group_tokens: int = 1 << 17,
+        window_dtype: torch.dtype = torch.float32,
     ) -> list[ClusterIndex]:
         """`ensure` for many (row, layer) pairs at once: the builds and folds due run in lockstep
-        (`kmeans_tasks.drive`), each round's k-means problems solved by one `solve` call.
+        (`kmeans_tasks.drive`), each round's k-means problems solved by one `solve` call. A fold
+        holds its window in `window_dtype` (`reference.with_window`).
 
         Work is taken in groups of about `group_tokens` tokens to cluster (at least one pair a
         group), which bounds the float32 copies held at once: with 8 KV heads of 128 dims, keys and
@@ -150,7 +152,7 @@ class IndexTable:
                 make = partial(_build_steps, want.read, before, cfg, rope)
                 jobs.append(_Job(entry, want.layer_id, make, before))
             elif fold_due(index, before, cfg):
-                make = partial(_fold_steps, index, want.read, before, cfg)
+                make = partial(_fold_steps, index, want.read, before, cfg, window_dtype)
                 jobs.append(_Job(entry, want.layer_id, make, before - index.window_start))
         for group in _groups(jobs, group_tokens):
             indexes = drive([job.make_steps() for job in group], solve)
@@ -211,12 +213,14 @@ def _build_steps(read: KVReader, end: int, cfg: MultipoleConfig, rope: Rope | No
     return build_index_steps(*read(0, end), cfg, rope=rope)
 
 
-def _fold_steps(index: ClusterIndex, read: KVReader, end: int, cfg: MultipoleConfig) -> Steps[ClusterIndex]:
+def _fold_steps(
+    index: ClusterIndex, read: KVReader, end: int, cfg: MultipoleConfig, window_dtype: torch.dtype
+) -> Steps[ClusterIndex]:
     """Fold an index held without its window: one read of the pool from the window's first token
     gives the window back and the new tokens."""
     if index.window_start > index.num_tokens:  # the sinks are not full: no window to read back
         return update_index_steps(index, *read(index.num_tokens, end), cfg)
-    return update_windowless_index_steps(index, *read(index.window_start, end), cfg)
+    return update_windowless_index_steps(index, *read(index.window_start, end), cfg, window_dtype)
 
 
 def _groups(jobs: list[_Job], cap: int) -> Iterator[list[_Job]]:

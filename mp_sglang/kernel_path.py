@@ -203,7 +203,11 @@ class KernelDecoder:
             IndexWant(row.req, row.generation, ALL_LAYERS, row.seq_len, self._reader(row.req, self.layer_ids))
             for row in indexed
         ]
-        found = iter(self.table.ensure_many(wants, self.cfg, self.rope, self.solve, self._fold_group_tokens))
+        found = iter(
+            self.table.ensure_many(
+                wants, self.cfg, self.rope, self.solve, self._fold_group_tokens, self._window_dtype()
+            )
+        )
         after = [next(found) if row.indexed else None for row in rows]
         self.buffers.fill(after, self.cfg.sink_tokens, grown_from=before)  # folded rows: tails only
 
@@ -227,6 +231,11 @@ class KernelDecoder:
             parts = [built.pop(0) for _ in self.layer_ids]
             scratch.drop([row.req])
             self.table.put(row.req, row.generation, ALL_LAYERS, stack_heads(parts))
+
+    def _window_dtype(self) -> torch.dtype:
+        """A fold's window in the dtype the batched k-means clusters in; float32 for any other
+        solver (the reference's clusters what it is given)."""
+        return self.cluster_dtype if self.solve == self._solve_batched else torch.float32
 
     def _solve_batched(self, tasks: Sequence[KMeansTask]) -> list[KMeansResult]:
         """Index k-means in the cache's dtype (bf16: tensor-core assignment), means in fp32."""

@@ -221,12 +221,17 @@ def update_index_steps(
 
 
 def update_windowless_index_steps(
-    index: ClusterIndex, keys: torch.Tensor, values: torch.Tensor, cfg: MultipoleConfig
+    index: ClusterIndex,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cfg: MultipoleConfig,
+    window_dtype: torch.dtype = torch.float32,
 ) -> Steps[ClusterIndex]:
     """`update_index_steps` for an index held without its window (`without_window`), from one read
     of the cache: `keys`/`values` `[H, n, d]` are its tokens from `window_start` to the new end,
     as stored (after RoPE). Gives what the index with its window would give, with no copy of the
-    window kept in between."""
+    window kept in between. `window_dtype` is what the window is held in while the fold runs (see
+    `with_window`)."""
     if index.window_start > index.num_tokens:
         raise ValueError("the index's sinks are not full yet: use update_index_steps")
     _check_kv(keys, values)
@@ -234,7 +239,7 @@ def update_windowless_index_steps(
     if count < 0:
         raise ValueError(f"the cache from token {index.window_start} holds fewer tokens than the index")
     grown = replace(index, num_tokens=index.num_tokens + count, next_position=index.next_position + count)
-    return (yield from _fold_while_due(with_window(grown, keys, values), cfg))
+    return (yield from _fold_while_due(with_window(grown, keys, values, window_dtype), cfg))
 
 
 def _fold_while_due(index: ClusterIndex, cfg: MultipoleConfig) -> Steps[ClusterIndex]:
@@ -322,7 +327,7 @@ def _warm_task(
     them join their nearest centroid as running means; then warm-started Lloyd iterations.
     """
     heads, size, dim = keys.shape
-    new_keys = keys[:, -cfg.update_block :]
+    new_keys = keys[:, -cfg.update_block :].float()  # the window may be held in the cache's dtype
     extra = min(
         max(0, clusters_for(size, cfg.tokens_per_cluster) - old.centroids.shape[1]), new_keys.shape[1]
     )
@@ -331,7 +336,7 @@ def _warm_task(
     seeds = torch.gather(new_keys, 1, order[:, :extra, None].expand(-1, -1, dim))
     rest = torch.gather(new_keys, 1, order[:, extra:, None].expand(-1, -1, dim))
     centroids = torch.cat([old.centroids, seeds], dim=1)
-    counts = torch.cat([old.counts.to(keys.dtype), keys.new_ones(heads, extra)], dim=1)
+    counts = torch.cat([old.counts.float(), new_keys.new_ones(heads, extra)], dim=1)
     sums, added = cluster_sums(rest, assign(rest, centroids), centroids.shape[1])
     centroids = (centroids * counts.unsqueeze(-1) + sums) / (counts + added).clamp_min(1).unsqueeze(-1)
     return KMeansTask(keys, values, centroids, cfg.update_iters, generator)
@@ -461,10 +466,17 @@ def without_window(index: ClusterIndex) -> ClusterIndex:
     )
 
 
-def with_window(index: ClusterIndex, keys: torch.Tensor, values: torch.Tensor) -> ClusterIndex:
+def with_window(
+    index: ClusterIndex, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> ClusterIndex:
     """The index with its window made again from the cache: `keys`/`values` `[H, n, d]` are the
     tokens `[window_start, num_tokens)` as stored (after RoPE), at consecutive positions ending
-    just before `next_position` (as a server's are). Undoes `without_window` exactly."""
+    just before `next_position` (as a server's are). Undoes `without_window` exactly.
+
+    The window is held in `dtype`: float32 by default; a k-means that multiplies in the cache's
+    dtype anyway (the GPU's, `mp_kernels.kmeans`) takes the cache's dtype here, which saves a
+    fold two float32 copies of its whole window (values as stored, keys rounded once after their
+    float32 un-rotation). Means are taken in float32 either way."""
     _check_kv(keys, values)
     count = max(0, index.num_tokens - index.window_start)
     if keys.shape[1] != count:
@@ -474,8 +486,8 @@ def with_window(index: ClusterIndex, keys: torch.Tensor, values: torch.Tensor) -
     positions = torch.arange(index.next_position - count, index.next_position, device=keys.device)
     return replace(
         index,
-        window_keys=_to_lookup_frame(keys, positions, index.rope),
-        window_values=values.float(),
+        window_keys=_to_lookup_frame(keys, positions, index.rope, dtype),
+        window_values=values.to(dtype),
     )
 
 
@@ -502,15 +514,18 @@ def _empty_level(heads: int, dim: int, device: torch.device) -> ClusterLevel:
     )
 
 
-def _to_lookup_frame(keys: torch.Tensor, positions: torch.Tensor, rope: Rope | None) -> torch.Tensor:
+def _to_lookup_frame(
+    keys: torch.Tensor, positions: torch.Tensor, rope: Rope | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Keys as the clustering sees them: un-rotated to position 0 in the windowed-RoPE frame.
 
-    In float32 (angles formed in float64): keys come from a bf16 or fp16 cache, and a fold turns a
-    whole window back into this frame (`with_window`), where float64 would cost several times more.
+    Computed in float32 (angles formed in float64), returned in `dtype`: keys come from a bf16 or
+    fp16 cache, and a fold turns a whole window back into this frame (`with_window`), where
+    float64 would cost several times more.
     """
     if rope is None:
-        return keys.float()
-    return rope.apply(keys, *rope.cos_sin(-positions, keys.device, torch.float32))
+        return keys.to(dtype)
+    return rope.apply(keys, *rope.cos_sin(-positions, keys.device, torch.float32), out_dtype=dtype)
 
 
 def _check_kv(keys: torch.Tensor, values: torch.Tensor) -> None:
