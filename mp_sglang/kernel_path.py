@@ -31,7 +31,12 @@ from mp_sglang.config import MultipoleConfig
 from mp_sglang.index import IndexTable, IndexWant, KVReader, build_due
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
 from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Solver, run
-from mp_sglang.reference import build_index_steps, stack_heads, update_index_steps
+from mp_sglang.reference import (
+    build_index_steps,
+    stack_heads,
+    update_windowless_index_steps,
+    without_window,
+)
 from mp_sglang.rope import Rope
 
 if TYPE_CHECKING:
@@ -243,8 +248,9 @@ class KernelDecoder:
 
     def _compile_upkeep_kernels(self, heads: int, dim: int) -> None:
         """Build and fold a tiny index through `solve` once, at start-up, so that Triton compiles
-        the k-means kernels for this cache's dtype and head size here rather than inside the first
-        request's decode step (seconds of it)."""
+        the k-means and rotation kernels for this cache's dtype and head size here rather than
+        inside the first request's decode steps (seconds of them). Builds and folds run as a
+        server's do: from keys in the cache's dtype, folds without a held window."""
         tiny = replace(
             self.cfg,
             kmeans_block=64,
@@ -254,12 +260,13 @@ class KernelDecoder:
             sink_tokens=2,
             dense_below=0,
         )
-        keys = torch.randn(heads, 128, dim, device=self.device)
+        keys = torch.randn(heads, 128, dim, device=self.device, dtype=self.cluster_dtype)
         values = torch.randn_like(keys)
         index = run(build_index_steps(keys[:, :96], values[:, :96], tiny, rope=self.rope), self.solve)
-        stacked = stack_heads([index] * len(self.layer_ids))  # folds run over all layers' heads
-        new_keys, new_values = (t[:, 96:].repeat(len(self.layer_ids), 1, 1) for t in (keys, values))
-        run(update_index_steps(stacked, new_keys, new_values, tiny), self.solve)  # warm and fresh folds
+        stacked = without_window(stack_heads([index] * len(self.layer_ids)))  # folds run over all layers
+        window = (t[:, stacked.window_start :].repeat(len(self.layer_ids), 1, 1) for t in (keys, values))
+        folds = update_windowless_index_steps(stacked, *window, tiny, self._window_dtype())
+        run(folds, self.solve)  # warm and fresh folds
 
     def _reader(self, req: int, layer_ids: Sequence[int]) -> KVReader:
         """Keys and values of `req`'s tokens in the pool, the heads of `layer_ids` stacked in order."""
