@@ -126,6 +126,20 @@ def clusters_for(num_tokens: int, tokens_per_cluster: int) -> int:
     return max(1, num_tokens // tokens_per_cluster)
 
 
+def max_clusters(clustered: int, tokens_per_cluster: int, kmeans_block: int) -> int:
+    """The most clusters an index of at most `clustered` tokens holds, however its blocks fell.
+
+    Each block gets `clusters_for` its size, which rounds down except that a block shorter than
+    `tokens_per_cluster` still gets one. Blocks are at least `kmeans_block // 2` tokens long
+    (`block_sizes`), except a request's first block while the request is short, so with the usual
+    settings at most one block rounds up.
+    """
+    short_blocks = 1
+    if kmeans_block // 2 < tokens_per_cluster:
+        short_blocks += -(-clustered // max(1, kmeans_block // 2))
+    return max(0, clustered) // tokens_per_cluster + short_blocks
+
+
 def seeded(seed: int, salt: int) -> torch.Generator:
     """A (CPU) generator fixed by the config's seed and a position, so equal inputs cluster equally."""
     return torch.Generator().manual_seed((seed * 1_000_003 + salt) % (1 << 63))

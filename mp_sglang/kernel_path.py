@@ -27,6 +27,7 @@ import torch
 from mp_kernels.decode import multipole_decode
 from mp_kernels.kmeans import solve_batched
 from mp_kernels.layout import PagedKV
+from mp_sglang.clustering import max_clusters
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.index import IndexTable, IndexWant, KVReader, build_due
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
@@ -132,9 +133,11 @@ class KernelDecoder:
             )
             + 2 * rows,
             member_rows=math.ceil(cfg.index_capacity * pool_tokens) + 1,
-            max_clusters=context_len // cfg.tokens_per_cluster
-            + math.ceil(context_len / cfg.kmeans_block)
-            + 1,
+            # Sinks and the recent window are never clustered. The bound sizes the selection's
+            # lanes (a power of two): at context lengths of 2^k it keeps them at 2^k / 16.
+            max_clusters=max_clusters(
+                context_len - cfg.sink_tokens - cfg.recent_window, cfg.tokens_per_cluster, cfg.kmeans_block
+            ),
         )
         heads, dim = keys.shape[1], keys.shape[2]
         self.buffers = IndexBuffers(self.capacity, len(layer_ids), heads, dim, keys.dtype, self.device)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from clustered_data import clustered_kv
 
+from mp_sglang.clustering import max_clusters
 from mp_sglang.config import MultipoleConfig
 from mp_sglang.reference import (
     ClusterIndex,
@@ -415,3 +416,27 @@ def test_stacking_refuses_indexes_of_different_tokens(generator):
     keys, values = clustered_kv(2, 600, 16, 6, generator)
     with pytest.raises(ValueError, match="same tokens"):
         stack_heads([build_index(keys[:, :500], values[:, :500], cfg), build_index(keys, values, cfg)])
+
+
+@pytest.mark.parametrize(
+    "cfg_overrides",
+    [
+        {},  # SMALL: blocks of 256, 8 tokens per cluster, folds of 8
+        {"kmeans_block": 16, "tokens_per_cluster": 12, "update_block": 4},  # blocks can round up
+    ],
+)
+def test_clusters_never_exceed_the_static_bound(generator, cfg_overrides):
+    """`clustering.max_clusters` bounds a request's clusters whatever its length and folds: the
+    kernel path sizes its buffers and the selection's lanes by it."""
+    cfg = MultipoleConfig(**{**SMALL, **cfg_overrides})
+    heads, dim = 2, 8
+    keys, values = clustered_kv(heads, 900, dim, 10, generator)
+    for built_at in (5, 30, 290, 600):
+        index = build_index(keys[:, :built_at], values[:, :built_at], cfg)
+        for end in range(built_at, 900, 37):
+            index = update_index(
+                index, keys[:, index.num_tokens : end], values[:, index.num_tokens : end], cfg
+            )
+            clustered = index.num_tokens - min(cfg.sink_tokens, index.num_tokens) - cfg.recent_window
+            bound = max_clusters(clustered, cfg.tokens_per_cluster, cfg.kmeans_block)
+            assert index.levels[0].centroids.shape[1] <= bound
