@@ -33,7 +33,9 @@ from mp_sglang.index import IndexTable, IndexWant, KVReader, build_due
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
 from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Solver, run
 from mp_sglang.reference import (
+    ClusterIndex,
     build_index_steps,
+    compact_levels,
     stack_heads,
     update_windowless_index_steps,
     without_window,
@@ -238,7 +240,14 @@ class KernelDecoder:
         for row in fresh:  # stack row by row, letting go of each row's parts as it goes
             parts = [built.pop(0) for _ in self.layer_ids]
             scratch.drop([row.req])
-            self.table.put(row.req, row.generation, ALL_LAYERS, stack_heads(parts))
+            self.table.put(row.req, row.generation, ALL_LAYERS, self._compacted(stack_heads(parts)))
+
+    def _compacted(self, index: ClusterIndex) -> ClusterIndex:
+        """An index as the table holds it: the buffers decode from their own bf16 copy, so with the
+        batched k-means the held levels are compact too (`reference.compact_levels`)."""
+        if self.solve != self._solve_batched:
+            return index
+        return compact_levels(index, self.cluster_dtype)
 
     def _window_dtype(self) -> torch.dtype:
         """A fold's window in the dtype the batched k-means clusters in; float32 for any other

@@ -335,7 +335,7 @@ def _warm_task(
     order = to_device(order, keys.device)
     seeds = torch.gather(new_keys, 1, order[:, :extra, None].expand(-1, -1, dim))
     rest = torch.gather(new_keys, 1, order[:, extra:, None].expand(-1, -1, dim))
-    centroids = torch.cat([old.centroids, seeds], dim=1)
+    centroids = torch.cat([old.centroids.float(), seeds], dim=1)  # a held level may be compact
     counts = torch.cat([old.counts.float(), new_keys.new_ones(heads, extra)], dim=1)
     sums, added = cluster_sums(rest, assign(rest, centroids), centroids.shape[1])
     centroids = (centroids * counts.unsqueeze(-1) + sums) / (counts + added).clamp_min(1).unsqueeze(-1)
@@ -361,14 +361,44 @@ def _level_of(result: KMeansResult) -> ClusterLevel:
 
 
 def _concat_levels(parts: list[ClusterLevel]) -> ClusterLevel:
-    """Append blocks' clusters to a level; each block's local ids move past the ones before it."""
+    """Append blocks' clusters to a level; each block's local ids move past the ones before it.
+    The level keeps the dtypes of its first part (see `compact_levels`)."""
     offsets = itertools.accumulate((part.centroids.shape[1] for part in parts[:-1]), initial=0)
+    first = parts[0]
     return ClusterLevel(
-        centroids=torch.cat([part.centroids for part in parts], dim=1),
-        value_centroids=torch.cat([part.value_centroids for part in parts], dim=1),
+        centroids=torch.cat([part.centroids.to(first.centroids.dtype) for part in parts], dim=1),
+        value_centroids=torch.cat(
+            [part.value_centroids.to(first.value_centroids.dtype) for part in parts], dim=1
+        ),
         counts=torch.cat([part.counts for part in parts], dim=1),
-        labels=torch.cat([part.labels + first for part, first in zip(parts, offsets, strict=True)], dim=1),
+        labels=torch.cat(
+            [
+                (part.labels + offset).to(first.labels.dtype)
+                for part, offset in zip(parts, offsets, strict=True)
+            ],
+            dim=1,
+        ),
     )
+
+
+def compact_levels(index: ClusterIndex, dtype: torch.dtype) -> ClusterIndex:
+    """The index with its centroids held in `dtype` (e.g. the cache's bf16) and its labels in int32.
+
+    For a holder that decodes from its own packed copy in that dtype (the GPU backend's buffers)
+    and keeps the index only to fold it: later folds append in these dtypes (`_concat_levels`), so
+    the whole level is copied at half the bytes each fold and held in half the memory. Warm starts
+    and means are still computed in float32.
+    """
+    levels = tuple(
+        replace(
+            level,
+            centroids=level.centroids.to(dtype),
+            value_centroids=level.value_centroids.to(dtype),
+            labels=level.labels.to(torch.int32),
+        )
+        for level in index.levels
+    )
+    return replace(index, levels=levels)
 
 
 def _drop_final_block(index: ClusterIndex) -> ClusterIndex:

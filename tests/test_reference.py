@@ -14,6 +14,7 @@ from mp_sglang.config import MultipoleConfig
 from mp_sglang.reference import (
     ClusterIndex,
     build_index,
+    compact_levels,
     decode_attention,
     decode_view,
     dense_attention,
@@ -440,3 +441,25 @@ def test_clusters_never_exceed_the_static_bound(generator, cfg_overrides):
             clustered = index.num_tokens - min(cfg.sink_tokens, index.num_tokens) - cfg.recent_window
             bound = max_clusters(clustered, cfg.tokens_per_cluster, cfg.kmeans_block)
             assert index.levels[0].centroids.shape[1] <= bound
+
+
+def test_a_compact_index_folds_like_the_full_one(generator):
+    """`compact_levels` holds centroids in bf16 and labels in int32; folds keep those dtypes and
+    cluster as the full index does, up to the warm start's rounding."""
+    heads, dim, seq = 2, 16, 700
+    rope = Rope.standard(dim)
+    keys, values = roped_kv(heads, seq, dim, generator, rope)
+    cfg = MultipoleConfig(**SMALL)
+    full = build_index(keys[:, :500], values[:, :500], cfg, rope=rope)
+    compact = compact_levels(full, torch.bfloat16)
+    assert (
+        compact.levels[0].centroids.dtype == torch.bfloat16 and compact.levels[0].labels.dtype == torch.int32
+    )
+    folded = [update_index(index, keys[:, 500:], values[:, 500:], cfg) for index in (full, compact)]
+    level_full, level_compact = folded[0].levels[0], folded[1].levels[0]
+    assert level_compact.centroids.dtype == level_compact.value_centroids.dtype == torch.bfloat16
+    assert level_compact.labels.dtype == torch.int32
+    assert folded[1].num_clustered == folded[0].num_clustered > full.num_clustered
+    assert (level_compact.labels.long() == level_full.labels).float().mean() >= 0.99
+    assert torch.equal(level_compact.counts.sum(-1), level_full.counts.sum(-1))
+    assert rel_err(level_compact.centroids.float(), level_full.centroids) <= 2e-2
