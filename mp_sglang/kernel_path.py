@@ -33,7 +33,6 @@ from mp_sglang.index import IndexTable, IndexWant, KVReader, build_due
 from mp_sglang.index_buffers import IndexBuffers, IndexCapacity
 from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask, Solver, run
 from mp_sglang.reference import (
-    ClusterIndex,
     build_index_steps,
     compact_levels,
     stack_heads,
@@ -215,7 +214,7 @@ class KernelDecoder:
         ]
         found = iter(
             self.table.ensure_many(
-                wants, self.cfg, self.rope, self.solve, self._fold_group_tokens, self._window_dtype()
+                wants, self.cfg, self.rope, self.solve, self._fold_group_tokens, self._held_dtype()
             )
         )
         after = [next(found) if row.indexed else None for row in rows]
@@ -240,18 +239,13 @@ class KernelDecoder:
         for row in fresh:  # stack row by row, letting go of each row's parts as it goes
             parts = [built.pop(0) for _ in self.layer_ids]
             scratch.drop([row.req])
-            self.table.put(row.req, row.generation, ALL_LAYERS, self._compacted(stack_heads(parts)))
+            held = compact_levels(stack_heads(parts), self._held_dtype())  # see reference.compact_levels
+            self.table.put(row.req, row.generation, ALL_LAYERS, held)
 
-    def _compacted(self, index: ClusterIndex) -> ClusterIndex:
-        """An index as the table holds it: the buffers decode from their own bf16 copy, so with the
-        batched k-means the held levels are compact too (`reference.compact_levels`)."""
-        if self.solve != self._solve_batched:
-            return index
-        return compact_levels(index, self.cluster_dtype)
-
-    def _window_dtype(self) -> torch.dtype:
-        """A fold's window in the dtype the batched k-means clusters in; float32 for any other
-        solver (the reference's clusters what it is given)."""
+    def _held_dtype(self) -> torch.dtype:
+        """What a fold's window and the held indexes' centroids are kept in: the dtype the batched
+        k-means clusters in (the buffers decode from their own copy in it anyway); float32 for any
+        other solver (the reference clusters what it is given)."""
         return self.cluster_dtype if self.solve == self._solve_batched else torch.float32
 
     def _solve_batched(self, tasks: Sequence[KMeansTask]) -> list[KMeansResult]:
@@ -277,7 +271,7 @@ class KernelDecoder:
         index = run(build_index_steps(keys[:, :96], values[:, :96], tiny, rope=self.rope), self.solve)
         stacked = without_window(stack_heads([index] * len(self.layer_ids)))  # folds run over all layers
         window = (t[:, stacked.window_start :].repeat(len(self.layer_ids), 1, 1) for t in (keys, values))
-        folds = update_windowless_index_steps(stacked, *window, tiny, self._window_dtype())
+        folds = update_windowless_index_steps(stacked, *window, tiny, self._held_dtype())
         run(folds, self.solve)  # warm and fresh folds
 
     def _reader(self, req: int, layer_ids: Sequence[int]) -> KVReader:
