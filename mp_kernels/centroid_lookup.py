@@ -50,7 +50,8 @@ class Selection:
     """One level's selection: the mask plus a compact list for expansion.
 
     sel_ids / sel_cum `[B, H, C]` int32: the selected cluster ids in ascending order and the
-    inclusive running sum of their sizes (valid up to num_sel); num_sel / sel_tokens `[B, H]`.
+    inclusive running sum of their sizes (only the first num_sel are written: the rest is
+    garbage, never read); num_sel / sel_tokens `[B, H]`.
     """
 
     selected: torch.Tensor
@@ -76,6 +77,21 @@ def lookup(
     floor(budget * level_budget_multiplier**l). max_exact: static capacity of the token list, at
     least sink_len + budget + recent window of every request.
     """
+    logits, selections = select_levels(q_lookup, index, budget, level_budget_multiplier, sm_scale, backend)
+    token_pos, token_len = expand_selection(selections[0], index, max_exact, backend)
+    return Lookup(token_pos, token_len, logits, tuple(s.selected for s in selections))
+
+
+def select_levels(
+    q_lookup: torch.Tensor,
+    index: BatchIndex,
+    budget: torch.Tensor,
+    level_budget_multiplier: float = 4.0,
+    sm_scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[tuple[torch.Tensor, ...], tuple[Selection, ...]]:
+    """The lookup up to its selections (fine → coarse), without the token list: the approximate
+    part needs only these, so a decode step can start it while the list is expanded."""
     scale = 1.0 / math.sqrt(q_lookup.shape[-1]) if sm_scale is None else sm_scale
     num_levels = len(index.levels)
     logits: list[torch.Tensor] = [q_lookup] * num_levels
@@ -89,8 +105,7 @@ def lookup(
         logits[lvl] = centroid_scores(q_lookup, level, parent_selected, scale, backend)
         selections.insert(0, select_within_budget(logits[lvl], level, level_budget, backend))
         parent_selected = selections[0].selected
-    token_pos, token_len = expand_selection(selections[0], index, max_exact, backend)
-    return Lookup(token_pos, token_len, tuple(logits), tuple(s.selected for s in selections))
+    return tuple(logits), tuple(selections)
 
 
 # --------------------------------------------------------------------------- scores
@@ -261,8 +276,8 @@ def select_within_budget(
     heads = level.counts.shape[1]
     dev = logits.device
     selected = torch.empty(batch, heads, max_c, dtype=torch.int8, device=dev)
-    sel_ids = torch.zeros(batch, heads, max_c, dtype=torch.int32, device=dev)
-    sel_cum = torch.zeros(batch, heads, max_c, dtype=torch.int32, device=dev)
+    sel_ids = torch.empty(batch, heads, max_c, dtype=torch.int32, device=dev)
+    sel_cum = torch.empty(batch, heads, max_c, dtype=torch.int32, device=dev)
     num_sel = torch.empty(batch, heads, dtype=torch.int32, device=dev)
     sel_tokens = torch.empty(batch, heads, dtype=torch.int32, device=dev)
     out = Selection(selected, sel_ids, sel_cum, num_sel, sel_tokens)

@@ -53,14 +53,23 @@ def centroid_replace(
 
 
 def merge_partials(
-    out_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: torch.dtype, backend: str | None = None
+    out_parts: torch.Tensor,
+    lse_parts: torch.Tensor,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the union of disjoint partials: `[B, Hq, P, d]`, `[B, Hq, P]` → out, lse.
 
     Partials with LSE -inf contribute nothing; if all are empty the output is 0 and LSE -inf.
+    `out` (`[B, Hq, d]`, unit last stride), if given, is written in place and its dtype wins:
+    a caller's output buffer saves a copy.
     """
     batch, heads, parts, dim = out_parts.shape
-    out = torch.empty(batch, heads, dim, dtype=out_dtype, device=out_parts.device)
+    if out is None:
+        out = torch.empty(batch, heads, dim, dtype=out_dtype, device=out_parts.device)
+    elif out.shape != (batch, heads, dim) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{batch}, {heads}, {dim}], unit last stride; got {tuple(out.shape)}")
     lse = torch.empty(batch, heads, dtype=torch.float32, device=out_parts.device)
     if use_triton(out_parts, backend):
         _merge_kernel[(batch * heads,)](

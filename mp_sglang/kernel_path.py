@@ -295,15 +295,15 @@ class KernelDecoder:
         dim = layer.qk_head_dim
         heads = layer.tp_q_head_num
         query_rows, table_rows, seq_lens, sink_len, budget = self.ints[:, :batch]
-        scale = layer.scaling * math.sqrt(dim)  # the kernels compute softmax(q.k / sqrt(d))
         all_q = q.view(-1, heads, dim)
-        queries = (all_q if self.all_queries else all_q.index_select(0, query_rows.long())) * scale
+        queries = all_q if self.all_queries else all_q.index_select(0, query_rows.long())
         q_lookup = queries
         if self.rope is not None:
             cos, sin = (part[:batch].unsqueeze(1) for part in self.rotation)
             q_lookup = self.rope.apply(queries, cos, sin, out_dtype=queries.dtype)
         keys = self.kv_pool.get_key_buffer(layer.layer_id)
         values = self.kv_pool.get_value_buffer(layer.layer_id)
+        outputs = out.view(-1, heads, layer.v_head_dim)
         result = multipole_decode(
             queries,
             q_lookup,
@@ -312,12 +312,11 @@ class KernelDecoder:
             budget,
             self.max_exact,
             level_budget_multiplier=self.cfg.level_budget_multiplier,
+            sm_scale=layer.scaling,
+            out=outputs if self.all_queries else None,
             backend=self.kernel_backend,
         )
-        outputs = out.view(-1, heads, layer.v_head_dim)
-        if self.all_queries:
-            outputs.copy_(result)
-        else:
+        if not self.all_queries:
             outputs.index_copy_(0, query_rows.long(), result.to(outputs.dtype))
         return out
 

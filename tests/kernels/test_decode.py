@@ -44,6 +44,20 @@ def test_decode_matches_reference(budget, levels, page_size, group):
             assert (out[b] - dense).norm() <= 1e-5 * dense.norm()
 
 
+def test_scale_and_output_buffer_are_honoured():
+    """An explicit sm_scale equals pre-scaled queries, and `out` receives the result in its dtype."""
+    cfg = small_config(token_budget=0.25)
+    batch = make_batch(LENS, heads=3, group=2, dim=16, cfg=cfg, seed=5)
+    args = (batch.kv, batch.index, batch.budget, batch.max_exact)
+    scaled = multipole_decode(2 * batch.q, 2 * batch.q, *args, exact_splits=2, backend="triton")
+    out = torch.full((len(LENS), 6, 16), float("nan"), dtype=torch.bfloat16)
+    got = multipole_decode(batch.q, batch.q, *args, exact_splits=2, sm_scale=0.5, out=out, backend="triton")
+    assert got is out
+    assert (out.float() - scaled).norm() <= 1e-2 * scaled.norm()
+    with pytest.raises(ValueError, match="unit last stride"):
+        multipole_decode(batch.q, batch.q, *args, out=out.transpose(1, 2).contiguous().transpose(1, 2))
+
+
 def test_replace_and_merge_match_reference():
     cfg = small_config(token_budget=0.2, levels=2)
     batch = make_batch(LENS, heads=3, group=2, dim=16, cfg=cfg, seed=3)

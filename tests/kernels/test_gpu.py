@@ -53,6 +53,29 @@ def test_decode_real_sizes(dtype, page_size, budget):
         assert err <= tol, (b, float(err))
 
 
+def test_decode_replays_from_a_cuda_graph():
+    """The approximate part runs on a side stream: captured in a graph, the fork and join must
+    order it exactly as eager execution does (same output, bit for bit)."""
+    cfg = _config(0.02)
+    batch = make_batch(LENS, heads=8, group=4, dim=128, cfg=cfg, dtype=torch.bfloat16, seed=13, device="cuda")
+    args = (batch.q, batch.q, batch.kv, batch.index, batch.budget, batch.max_exact)
+    eager = multipole_decode(*args)
+    out = torch.full_like(eager, float("nan"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        multipole_decode(*args, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        multipole_decode(*args, out=out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernels_vs_torch_references(dtype):
     cfg = _config(0.05)
