@@ -305,6 +305,8 @@ def select_within_budget(
         selected.stride(0),
         selected.stride(1),
         BLOCK_C=block_c,
+        G_PAD=next_power_of_2(num_q_heads // heads),
+        ROW_BY_ROW=block_c * next_power_of_2(num_q_heads // heads) > 16384,
         num_warps=max(4, min(16, block_c // 256)),
     )
     return out
@@ -339,6 +341,11 @@ def _select_reference(
 
 
 @triton.jit
+def _add_pairs(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
 def _select_kernel(
     logits,
     counts,
@@ -359,20 +366,38 @@ def _select_kernel(
     stride_sb,
     stride_sh,
     BLOCK_C: tl.constexpr,
+    G_PAD: tl.constexpr,
+    ROW_BY_ROW: tl.constexpr,
 ):
+    # One program walks all clusters of a (request, KV head); its time is a chain of block-wide
+    # reductions, so each step reduces the group's rows, or two quantities, at once. Past 16K
+    # values the group's rows no longer fit the registers well and go one at a time (H100, in the
+    # decode step: 8192 lanes x 4 rows 74.3 us, row by row 72.8 us; 2048 lanes 36.3 -> 35.5 us).
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
     c = tl.arange(0, BLOCK_C)
     in_range = c < max_c
     base = logits + b * stride_lb + h * G * stride_lh
-    importance = tl.zeros([BLOCK_C], tl.float32)
-    for g in range(G):
-        row = tl.load(base + g * stride_lh + c, mask=in_range, other=float("-inf"))
-        top = tl.max(row, axis=0)
-        p = tl.exp(row - tl.where(top == float("-inf"), 0.0, top))
-        total = tl.sum(p, axis=0)
-        importance += p / tl.where(total == 0.0, 1.0, total)
+    if ROW_BY_ROW:
+        importance = tl.zeros([BLOCK_C], tl.float32)
+        for g in range(G):
+            row = tl.load(base + g * stride_lh + c, mask=in_range, other=float("-inf"))
+            top = tl.max(row, axis=0)
+            p = tl.exp(row - tl.where(top == float("-inf"), 0.0, top))
+            total = tl.sum(p, axis=0)
+            importance += p / tl.where(total == 0.0, 1.0, total)
+    else:
+        g = tl.arange(0, G_PAD)
+        rows = tl.load(
+            base + g[:, None] * stride_lh + c[None, :],
+            mask=(g < G)[:, None] & in_range[None, :],
+            other=float("-inf"),
+        )
+        top = tl.max(rows, axis=1)
+        p = tl.exp(rows - tl.where(top == float("-inf"), 0.0, top)[:, None])
+        total = tl.sum(p, axis=1)
+        importance = tl.sum(p / tl.where(total == 0.0, 1.0, total)[:, None], axis=0)
     importance = importance / G
     eligible = tl.load(base + c, mask=in_range, other=float("-inf")) > float("-inf")
     row0 = tl.load(cluster_start + b).to(tl.int64)
@@ -389,19 +414,20 @@ def _select_kernel(
         lo = tl.where(over, mid, lo)
         hi = tl.where(over, hi, mid)
     above = key > lo
-    taken = tl.sum(tl.where(above, sizes, 0), axis=0)
     tied = key == lo
+    taken, everything = tl.reduce((tl.where(above, sizes, 0), sizes), 0, _add_pairs)
     chosen = above | (tied & (taken + tl.cumsum(tl.where(tied, sizes, 0), axis=0) <= cap))
-    chosen = tl.where(tl.sum(sizes, axis=0) <= cap, eligible, chosen)
+    chosen = tl.where(everything <= cap, eligible, chosen)
 
     out = b * stride_sb + h * stride_sh
     tl.store(selected + out + c, chosen.to(tl.int8), mask=in_range)
-    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
     chosen_sizes = tl.where(chosen, sizes, 0)
-    tl.store(sel_ids + out + slot, c, mask=chosen)
-    tl.store(sel_cum + out + slot, tl.cumsum(chosen_sizes, axis=0), mask=chosen)
-    tl.store(num_sel + pid, tl.sum(chosen.to(tl.int32), axis=0))
-    tl.store(sel_tokens + pid, tl.sum(chosen_sizes, axis=0))
+    rank, running = tl.associative_scan((chosen.to(tl.int32), chosen_sizes), 0, _add_pairs)
+    tl.store(sel_ids + out + rank - 1, c, mask=chosen)
+    tl.store(sel_cum + out + rank - 1, running, mask=chosen)
+    n_chosen, n_tokens = tl.reduce((chosen.to(tl.int32), chosen_sizes), 0, _add_pairs)
+    tl.store(num_sel + pid, n_chosen)
+    tl.store(sel_tokens + pid, n_tokens)
 
 
 # --------------------------------------------------------------------------- expansion

@@ -6,8 +6,8 @@ import pytest
 import torch
 from _inputs import make_batch, small_config
 
-from mp_kernels.centroid_lookup import lookup, select_within_budget
-from mp_kernels.layout import LevelTensors
+from mp_kernels.centroid_lookup import Selection, expand_selection, lookup, select_within_budget
+from mp_kernels.layout import BatchIndex, LevelTensors
 from mp_sglang import reference
 
 LENS = [9, 75, 130, 41]  # 9: nothing clustered (all sink + recent); others: 1-4 k-means blocks
@@ -61,3 +61,83 @@ def test_importance_ties_below_bfloat16_precision_go_to_the_lower_cluster_id(bac
     # A clear preference is still followed.
     logits[0, 0, 1] = 0.1
     assert select_within_budget(logits, level, budget, backend).selected[0, 0].tolist() == [0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("cap_short", [0, 40])
+def test_expansion_of_many_clusters_of_every_size(cap_short):
+    """Enough selected clusters that each copying program walks several chunks, sizes from 0
+    (an emptied cluster) past one member tile, and a list cut at its capacity."""
+    gen = torch.Generator().manual_seed(4)
+    batch, heads, clusters = 2, 3, 150
+    counts = torch.randint(0, 70, (batch * clusters, heads), generator=gen, dtype=torch.int32)
+    counts[::9] = 0
+    member_start = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+    members = torch.randint(0, 10_000, (int(counts.sum(0).max()), heads), generator=gen, dtype=torch.int32)
+    starts = torch.arange(batch, dtype=torch.int32) * clusters
+    level = LevelTensors(
+        torch.zeros(batch * clusters, heads, 4),
+        torch.zeros(batch * clusters, heads, 4),
+        counts,
+        starts,
+        torch.full((batch,), clusters, dtype=torch.int32),
+        clusters,
+    )
+    sink_len = torch.tensor([5, 0], dtype=torch.int32)
+    seq_lens = torch.tensor([12_000, 11_000], dtype=torch.int32)
+    recent_start = torch.tensor([11_700, 11_000], dtype=torch.int32)  # 300 recent tokens; none
+    index = BatchIndex((level,), member_start, members, sink_len, recent_start, seq_lens)
+    selected = torch.rand(batch, heads, clusters, generator=gen) < 0.7
+    sizes = counts.view(batch, clusters, heads).transpose(1, 2).long()
+    sel_ids = torch.zeros(batch, heads, clusters, dtype=torch.int32)
+    sel_cum = torch.zeros_like(sel_ids)
+    for b in range(batch):
+        for h in range(heads):
+            ids = torch.nonzero(selected[b, h]).flatten()
+            sel_ids[b, h, : len(ids)] = ids.to(torch.int32)
+            sel_cum[b, h, : len(ids)] = sizes[b, h, ids].cumsum(0).to(torch.int32)
+    chosen_sizes = torch.where(selected, sizes, 0)
+    selection = Selection(
+        selected.to(torch.int8),
+        sel_ids,
+        sel_cum,
+        selected.sum(-1).to(torch.int32),
+        chosen_sizes.sum(-1).to(torch.int32),
+    )
+    full = int((sink_len.max() + chosen_sizes.sum(-1).max() + 300).item())
+    cap = full - cap_short
+    got_pos, got_len = expand_selection(selection, index, cap, backend="triton")
+    ref_pos, ref_len = expand_selection(selection, index, cap, backend="torch")
+    assert torch.equal(got_len, ref_len)
+    for b in range(batch):
+        for h in range(heads):
+            n = min(int(ref_len[b, h]), cap)
+            assert torch.equal(got_pos[b, h, :n], ref_pos[b, h, :n]), (b, h)
+
+
+@pytest.mark.parametrize("group,clusters", [(3, 700), (16, 1100)])  # rows at once; row by row
+def test_selection_of_many_clusters_matches_reference(group, clusters):
+    gen = torch.Generator().manual_seed(group)
+    batch, heads = 2, 2
+    logits = torch.randn(batch, heads * group, clusters, generator=gen) * 3
+    logits[:, :, ::11] = float("-inf")  # empty clusters
+    counts = torch.randint(1, 40, (batch * clusters, heads), generator=gen, dtype=torch.int32)
+    level = LevelTensors(
+        torch.zeros(batch * clusters, heads, 4),
+        torch.zeros(batch * clusters, heads, 4),
+        counts,
+        torch.arange(batch, dtype=torch.int32) * clusters,
+        torch.tensor([clusters, clusters - 50], dtype=torch.int32),
+        clusters,
+    )
+    logits[1, :, clusters - 50 :] = float("-inf")
+    for tokens in (0, 300, 10**6):
+        budget = torch.full((batch,), tokens, dtype=torch.int32)
+        got = select_within_budget(logits, level, budget, "triton")
+        ref = select_within_budget(logits, level, budget, "torch")
+        assert torch.equal(got.selected, ref.selected), tokens
+        assert torch.equal(got.num_sel, ref.num_sel) and torch.equal(got.sel_tokens, ref.sel_tokens)
+        for b in range(batch):
+            for h in range(heads):
+                n = int(ref.num_sel[b, h])
+                assert torch.equal(got.sel_ids[b, h, :n], ref.sel_ids[b, h, :n])
+                assert torch.equal(got.sel_cum[b, h, :n], ref.sel_cum[b, h, :n])
