@@ -21,6 +21,7 @@ from mp_kernels.layout import LevelTensors
 # each tile in 86 KB of shared memory, which held the kernel to two programs per SM and cost it
 # 20-30 % (docs/perf.md, kernel item 11).
 REPLACE_TILE = {"BLOCK_C": 128, "num_warps": 4, "num_stages": 1}
+MERGE_D_BLOCK = 32  # output dimensions per merge program
 
 
 def centroid_replace(
@@ -61,7 +62,8 @@ def merge_partials(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the union of disjoint partials: `[B, Hq, P, d]`, `[B, Hq, P]` → out, lse.
 
-    Partials with LSE -inf contribute nothing; if all are empty the output is 0 and LSE -inf.
+    Partials with LSE -inf contribute nothing but must hold finite outputs (the kernels write 0);
+    if all are empty the output is 0 and LSE -inf.
     `out` (`[B, Hq, d]`, unit last stride), if given, is written in place and its dtype wins:
     a caller's output buffer saves a copy.
     """
@@ -72,7 +74,8 @@ def merge_partials(
         raise ValueError(f"out must be [{batch}, {heads}, {dim}], unit last stride; got {tuple(out.shape)}")
     lse = torch.empty(batch, heads, dtype=torch.float32, device=out_parts.device)
     if use_triton(out_parts, backend):
-        _merge_kernel[(batch * heads,)](
+        d_block = min(dim, MERGE_D_BLOCK)
+        _merge_kernel[(batch * heads, dim // d_block)](
             out_parts,
             lse_parts,
             out,
@@ -88,7 +91,7 @@ def merge_partials(
             out.stride(0),
             out.stride(1),
             lse.stride(0),
-            D=dim,
+            D_BLOCK=d_block,
             P_PAD=next_power_of_2(parts),
             num_warps=4,
         )
@@ -276,24 +279,28 @@ def _merge_kernel(
     stride_ob,
     stride_oh,
     stride_lb,
-    D: tl.constexpr,
+    D_BLOCK: tl.constexpr,
     P_PAD: tl.constexpr,
 ):
+    # A program per (row, head, slice of d): the partials' loads do not wait for the LSEs (an
+    # empty partial holds output 0, so its weight 0 needs no mask), and each program reads a
+    # quarter of a head's partials.
     pid = tl.program_id(0)
     b = pid // Hq
     h = pid % Hq
     p = tl.arange(0, P_PAD)
-    d = tl.arange(0, D)
+    d = tl.program_id(1) * D_BLOCK + tl.arange(0, D_BLOCK)
     lses = tl.load(lse_parts + b * stride_qb + h * stride_qh + p * stride_qp, mask=p < P, other=float("-inf"))
+    parts = tl.load(
+        out_parts + b * stride_pb + h * stride_ph + p[:, None] * stride_pp + d[None, :],
+        mask=(p < P)[:, None],
+        other=0.0,
+    )
     m = tl.max(lses, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2((lses - m_safe) * 1.4426950408889634)
     total = tl.sum(w, axis=0)
-    parts = tl.load(
-        out_parts + b * stride_pb + h * stride_ph + p[:, None] * stride_pp + d[None, :],
-        mask=(p < P)[:, None] & (w > 0)[:, None],
-        other=0.0,
-    )
     merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out + b * stride_ob + h * stride_oh + d, merged.to(out.dtype.element_ty))
-    tl.store(lse + b * stride_lb + h, tl.where(total == 0.0, float("-inf"), m_safe + tl.log(total)))
+    if tl.program_id(1) == 0:
+        tl.store(lse + b * stride_lb + h, tl.where(total == 0.0, float("-inf"), m_safe + tl.log(total)))
