@@ -11,8 +11,12 @@ radix cache is off, so nothing is reused) that each stream `--new-tokens` greedy
 ignored. Per row: time to first token (prefill), the first decode step (where multipole builds its
 cluster index), and steady-state decode throughput and per-token latency over the tokens after
 `--warmup-tokens`. With `--agreement-prompt FILE` each backend also decodes that prompt greedily
-and the outputs are compared token by token with the first backend's. Prints a side-by-side table
-last and writes all numbers as JSON.
+and the outputs are compared token by token with the first backend's. Free-running outputs part at
+the first near tie, so `--agreement-probes N` also teacher-forces: N requests per backend, each
+prompted with the prompt plus the first backend's output up to a position L and asked for two
+greedy tokens; the first comes from prefill, the second from the backend's first decode step over
+that context (for multipole: an index built over it), and is compared with the first backend's
+token at L + 1. Prints a side-by-side table last and writes all numbers as JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,6 +78,7 @@ def main() -> int:
         "agreement": {},
     }
     outputs: dict[str, list[tuple[int, float]]] = {}
+    forced: tuple[list[int], list[tuple[int, float]]] | None = None  # prompt ids, reference output
     for number, (label, name, extra, env) in enumerate(backends):
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -94,7 +100,13 @@ def main() -> int:
                 print(f"[{label}] {row}", flush=True)
                 _dump(args.out, result)
             if agreement_prompt is not None:
-                outputs[label] = _greedy(base, agreement_prompt, args.agreement_tokens)
+                prompt_ids, outputs[label] = _greedy(base, agreement_prompt, args.agreement_tokens)
+                forced = forced or (prompt_ids, outputs[label])
+                if args.agreement_probes:
+                    probes = _probe(base, *forced, probe_positions(len(forced[1]), args.agreement_probes))
+                    result.setdefault("forced_agreement", {})[label] = summarize_probes(probes)
+                    print(f"[{label}] forced: {result['forced_agreement'][label]}", flush=True)
+                    _dump(args.out, result)
     if outputs:
         result["agreement"] = _agreement(outputs)
     _dump(args.out, result)
@@ -144,24 +156,82 @@ def _stream_one(base: str, ids: list[int], new_tokens: int, stream: Stream) -> N
         stream.error = f"{type(err).__name__}: {err}"
 
 
-def _greedy(base: str, prompt: str, new_tokens: int) -> list[tuple[int, float]]:
-    """Greedy continuation of a prompt: per token, its id and its log-probability margin over the
-    runner-up (a small margin is a near tie that any numerical difference may flip)."""
-    body = {
-        "text": prompt,
-        "sampling_params": {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True},
-        "return_logprob": True,
-        "top_logprobs_num": 2,
+def _greedy(base: str, prompt: str, new_tokens: int) -> tuple[list[int], list[tuple[int, float]]]:
+    """Greedy continuation of a prompt: the prompt's token ids, and per new token its id and its
+    log-probability margin over the runner-up."""
+    reply = _post(
+        base,
+        {
+            "text": prompt,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": 2,
+        },
+    )
+    meta = reply["meta_info"]
+    prompt_ids = [int(entry[1]) for entry in meta["input_token_logprobs"]]
+    tokens = [int(entry[1]) for entry in meta["output_token_logprobs"]]
+    margins = [float(top[0][0]) - float(top[1][0]) for top in meta["output_top_logprobs"]]
+    return prompt_ids, list(zip(tokens, margins, strict=True))
+
+
+def _probe(
+    base: str, prompt_ids: list[int], reference: list[tuple[int, float]], positions: list[int]
+) -> list[dict]:
+    """Teacher-forced probes (module doc): per position L, the two greedy tokens after the prompt
+    plus the reference's first L tokens, beside the reference's tokens there."""
+
+    def one(position: int) -> dict:
+        ids = prompt_ids + [token for token, _ in reference[:position]]
+        body = {
+            "input_ids": ids,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": 2, "ignore_eos": True},
+            "return_logprob": True,
+        }
+        got = [int(entry[1]) for entry in _post(base, body)["meta_info"]["output_token_logprobs"]]
+        return {
+            "position": position,
+            "prefill_token": got[0],
+            "decode_token": got[1],
+            "reference": [reference[position][0], reference[position + 1][0]],
+            "reference_margin": reference[position + 1][1],
+        }
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(one, positions))
+
+
+def probe_positions(tokens: int, probes: int) -> list[int]:
+    """Up to `probes` distinct positions L, spread evenly, with L + 1 inside the reference output."""
+    last = tokens - 2
+    if last < 0 or probes < 1:
+        return []
+    if probes == 1:
+        return [0]
+    return sorted({round(i * last / (probes - 1)) for i in range(probes)})
+
+
+def summarize_probes(probes: list[dict]) -> dict:
+    """Decode-token agreement over the probes whose prefill token equals the reference's (only
+    there is the decoded context the reference's), and the reference's margin where they differ."""
+    same_context = [p for p in probes if p["prefill_token"] == p["reference"][0]]
+    misses = [p for p in same_context if p["decode_token"] != p["reference"][1]]
+    return {
+        "probes": len(probes),
+        "same_context": len(same_context),
+        "decode_agreement": round(1 - len(misses) / len(same_context), 4) if same_context else None,
+        "miss_positions": [p["position"] for p in misses],
+        "miss_reference_margins": [round(p["reference_margin"], 4) for p in misses],
     }
+
+
+def _post(base: str, body: dict) -> dict:
     request = urllib.request.Request(
         base + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=1800) as resp:
-        reply = json.loads(resp.read())
-    meta = reply["meta_info"]
-    tokens = [int(entry[1]) for entry in meta["output_token_logprobs"]]
-    margins = [float(top[0][0]) - float(top[1][0]) for top in meta["output_top_logprobs"]]
-    return list(zip(tokens, margins, strict=True))
+        return json.loads(resp.read())
 
 
 # ---------------------------------------------------------------------- numbers
@@ -305,6 +375,9 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--mem-fraction", type=float, default=0.6)
     ap.add_argument("--agreement-prompt", type=Path, help="text file decoded greedily by every backend")
     ap.add_argument("--agreement-tokens", type=int, default=1000)
+    ap.add_argument(
+        "--agreement-probes", type=int, default=0, help="teacher-forced probes per backend (module doc)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--log-dir", type=Path, default=Path("."))
