@@ -8,10 +8,12 @@ For each context x batch x budget: dense FlashInfer (BatchDecodeWithPagedKVCache
 in a child process when the package is importable), dense torch SDPA, dense decoding through our
 own sparse kernel over the full list, and Multipole split into lookup / sparse / replacement /
 merge, each captured in a CUDA graph and timed by replaying it with triton.testing.do_bench (median,
-L2 flushed before every replay). Achieved GB/s is over the bytes each part must read; the copy
-bandwidth is measured in the same run. Error is relative to fp32 dense attention on the same
-inputs, for random keys (no cluster structure: the worst case) and for clustered keys (drawn
-around a few hundred centres per head). Prints the table last; writes all numbers as JSON.
+L2 flushed before every replay); at 2 % also the whole step's kernel timeline from the profiler
+(when each kernel started and on which stream: the parts overlap). Achieved GB/s is over the
+bytes each part must read; the copy bandwidth is measured in the same run. Error is relative to
+fp32 dense attention on the same inputs, for random keys (no cluster structure: the worst case)
+and for clustered keys (drawn around a few hundred centres per head). Prints the table last;
+writes all numbers as JSON.
 """
 
 from __future__ import annotations
@@ -54,7 +56,14 @@ def main() -> None:
     if args.smoke_cpu:
         global DEVICE
         DEVICE = "cpu"
-        result: dict = {"device": "cpu (smoke test)", "rows": [], "build": [], "tiles": [], "hierarchy": []}
+        result: dict = {
+            "device": "cpu (smoke test)",
+            "rows": [],
+            "build": [],
+            "tiles": [],
+            "hierarchy": [],
+            "timeline": [],
+        }
     else:
         props = torch.cuda.get_device_properties(0)
         result = {
@@ -64,6 +73,7 @@ def main() -> None:
             "build": [],
             "tiles": [],
             "hierarchy": [],
+            "timeline": [],
         }
     result["copy_gbps"] = _copy_bandwidth()
     print(f"device {result['device']}; measured copy bandwidth {result['copy_gbps']:.0f} GB/s", flush=True)
@@ -109,7 +119,12 @@ def _time_graph(fn, reps: int = 200) -> float:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    fn()  # compile
+    return triton.testing.do_bench(_captured(fn).replay, warmup=25, rep=reps, return_mode="median")
+
+
+def _captured(fn) -> torch.cuda.CUDAGraph:
+    """`fn` run once (compiles), once on a side stream (as capture asks), then captured."""
+    fn()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -118,7 +133,70 @@ def _time_graph(fn, reps: int = 200) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=reps, return_mode="median")
+    return graph
+
+
+def _step_timeline(fn, replays: int = 5) -> list[dict]:
+    """Kernels of one decode step as the GPU ran them: `fn` captured in a CUDA graph, replayed
+    under the profiler with the L2 flushed (a fill kernel) before each replay; the last replay's
+    kernels with their start (µs after its first kernel), duration and stream. Shows the step's
+    critical path, which per-part timings cannot (parts on two streams overlap)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = _captured(fn)
+    flush = torch.empty(64 << 20, dtype=torch.int32, device=DEVICE)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            flush.zero_()
+            graph.replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    return kernel_timeline(events)
+
+
+def kernel_timeline(events: list[dict]) -> list[dict]:
+    """The kernels of the last replay in a chrome trace: replays are separated by the flush's fill
+    kernel (the step itself launches none)."""
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    replays: list[list[dict]] = []
+    for event in kernels:
+        if "FillFunctor" in event["name"]:
+            replays.append([])
+        elif replays:
+            replays[-1].append(event)
+    last = next((r for r in reversed(replays) if r), [])
+    if not last:
+        return []
+    t0 = last[0]["ts"]
+    return [
+        {
+            "name": e["name"],
+            "start_us": round(e["ts"] - t0, 2),
+            "dur_us": round(e["dur"], 2),
+            "stream": e.get("args", {}).get("stream"),
+        }
+        for e in last
+    ]
+
+
+def _timeline_line(ctx: int, batch: int, kernels: list[dict]) -> str:
+    if not kernels:
+        return f"timeline ctx={ctx} B={batch} 2%: no kernels traced"
+    span = max(k["start_us"] + k["dur_us"] for k in kernels)
+    parts = "; ".join(
+        f"{k['name'].strip('_').removesuffix('_kernel')} {k['start_us']:.1f}+{k['dur_us']:.1f} s{k['stream']}"
+        for k in kernels
+    )
+    return f"timeline ctx={ctx} B={batch} 2%: span {span:.1f} us; {parts}"
 
 
 def _host_median_ms(fn, reps: int = 5) -> float:
@@ -352,6 +430,10 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
         if dense_ref is not None:
             out = multipole_decode(q, q, kv, index, budget, max_exact).float()
             row["rel_err"] = float((out - dense_ref).norm() / dense_ref.norm())
+        if frac == 0.02 and mode == "random" and DEVICE == "cuda":
+            step = _step_timeline(lambda: multipole_decode(q, q, kv, index, budget, max_exact))
+            result["timeline"].append({"ctx": ctx, "batch": batch, "kernels": step})
+            print(_timeline_line(ctx, batch, step), flush=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -574,6 +656,8 @@ def _print_table(result: dict) -> None:
             f"hierarchy ctx={r['ctx']} {r['mode']} 2%: flat {r['L1_ms'] * 1e3:.1f}us err {r['L1_err']:.3f}; "
             f"two levels {r['L2_ms'] * 1e3:.1f}us err {r['L2_err']:.3f}"
         )
+    for r in result["timeline"]:
+        print(_timeline_line(r["ctx"], r["batch"], r["kernels"]))
     for r in result["tiles"]:
         print(
             f"{r.get('kernel', 'sparse')} tile shapes ctx={r['ctx']} B={r['batch']} (now {r['current']}): "
