@@ -44,6 +44,20 @@ def test_decode_matches_reference(budget, levels, page_size, group):
             assert (out[b] - dense).norm() <= 1e-5 * dense.norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_pools_match_the_fp32_reference(dtype):
+    """fp16 and bf16 KV pools and queries (fp32 accumulation): within 1e-2 of the fp32 reference
+    on the same rounded inputs."""
+    cfg = small_config(token_budget=0.25)
+    batch = make_batch(LENS, heads=3, group=2, dim=16, cfg=cfg, dtype=dtype, page_size=2, seed=9)
+    q = batch.q.to(dtype)
+    out = multipole_decode(q, q, batch.kv, batch.index, batch.budget, batch.max_exact, backend="triton")
+    assert out.dtype == dtype and not out.isnan().any()
+    for b, index in enumerate(batch.indices):
+        ref = reference.decode_attention(q[b].float(), batch.keys[b], batch.values[b], index, cfg)
+        assert (out[b].float() - ref).norm() <= 1e-2 * ref.norm(), b
+
+
 def test_scale_and_output_buffer_are_honoured():
     """An explicit sm_scale equals pre-scaled queries, and `out` receives the result in its dtype."""
     cfg = small_config(token_budget=0.25)
