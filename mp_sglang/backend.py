@@ -81,6 +81,8 @@ class MultipoleAttnBackend(AttentionBackend):
         self._rows: list[MethodRow] = []
         self._all_rows_method = False
         self._last_decode: tuple[tuple[int, int], list[int], list[int]] | None = None
+        # Request row -> its req_generation when a pass last listed it (see `_plan_rows`).
+        self._seen_generation: dict[int, int] = {}
         self.kernels: KernelDecoder | None = None
         index_note = ""
         if self.cfg.decodes_with_kernels(runner.device):
@@ -129,7 +131,8 @@ class MultipoleAttnBackend(AttentionBackend):
         Reference path: DECODE rows and one-token EXTEND/MIXED rows whose context reaches
         `dense_below`. Kernel path: the same, plus every other DECODE row as a fully exact row
         (no index), so a DECODE batch never needs the dense kernel. Rows of length <= 1 are CUDA
-        graph padding: exact, no index, and their (dummy) request row is left alone.
+        graph padding: exact, no index, and their (dummy) request row is left alone. A row that
+        changed hands since a pass last listed it is not indexed in this pass (`_settled`).
         """
         pool = self.req_to_token_pool
         self.table.sync(pool.req_generation, pool.free_slots)
@@ -159,13 +162,29 @@ class MultipoleAttnBackend(AttentionBackend):
         end = 0
         for req, seq_len, n in zip(reqs, seq_lens, new_tokens, strict=True):
             end += n
-            long_enough = seq_len >= self.cfg.dense_below and seq_len > 1
-            if n == 1 and (long_enough or exact_rows):
-                generation = int(pool.req_generation[req]) if long_enough else -1
-                self._rows.append(MethodRow(end - 1, req, seq_len, generation, indexed=long_enough))
+            settled = seq_len > 1 and self._settled(req)
+            indexed = settled and seq_len >= self.cfg.dense_below
+            if n == 1 and (indexed or exact_rows):
+                generation = int(pool.req_generation[req]) if indexed else -1
+                self._rows.append(MethodRow(end - 1, req, seq_len, generation, indexed=indexed))
         self._all_rows_method = mode.is_decode() and len(self._rows) == len(reqs)
         if self.kernels:
             self.kernels.plan(self._rows, end)
+
+    def _settled(self, req: int) -> bool:
+        """Whether `req`'s row held the same request when a pass last listed it.
+
+        With the overlap scheduler a pass can run after its request finished and its row went to
+        a new request: it lists the old request's row and length, but the pool already shows the
+        new generation, and an index built then would be filed under the newcomer and reused by
+        its first one-token step. A row whose generation changed since it was last listed is
+        therefore attended exactly in that pass (no index built or used); the next pass trusts it.
+        Every request's first pass is normally a prefill, which settles it.
+        """
+        generation = int(self.req_to_token_pool.req_generation[req])
+        settled = self._seen_generation.get(req) == generation
+        self._seen_generation[req] = generation
+        return settled
 
     def _pool_fingerprint(self) -> tuple[int, int]:
         """Changes whenever a request row is allocated (its generation is bumped) or freed."""

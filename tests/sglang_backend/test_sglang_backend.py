@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("sglang.srt", reason="sglang is not installed (see docs/sglang.md)")
 
-from _sglang_rig import DIM, LAYERS, Replay, Rig, model_with_rope, set_config
+from _sglang_rig import DIM, HEADS_KV, HEADS_Q, LAYERS, Replay, Rig, model_with_rope, set_config
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from mp_sglang.config import MultipoleConfig
@@ -191,17 +191,52 @@ def test_reused_row_gets_a_fresh_index_and_table_stays_flat(monkeypatch: pytest.
 def test_row_reallocated_unseen_is_caught_by_its_generation(monkeypatch: pytest.MonkeyPatch) -> None:
     """A finished request's row handed to a new request between two passes, whose first step is a
     one-token row of a MIXED batch (a prefix hit on all but one token): only req_generation tells
-    the backend that the index it holds for that row belongs to someone else."""
+    the backend that the index it holds for that row belongs to someone else. That step is
+    attended exactly (the row changed hands since it was last listed); the next one builds the
+    newcomer's own index."""
     set_config(monkeypatch, token_budget=0.1)
     rig = Rig(rows=3)
     replay = Replay(MultipoleConfig.from_env())
     old, owner, other = rig.new_request(), rig.new_request(), rig.new_request()
     rig.forward([(old, 100), (owner, 160), (other, 40)], ForwardMode.EXTEND)
-    out = rig.forward([(old, 1), (other, 1)], ForwardMode.DECODE)  # indexes old's row (101 tokens)
+    rig.forward([(old, 1), (other, 1)], ForwardMode.DECODE)  # indexes old's row (101 tokens)
     rig.finish(old)
     reuser = rig.new_request(prefix_of=owner, prefix_len=150)
     assert reuser.row == old.row
     out = rig.forward([(reuser, 1), (other, 1)], ForwardMode.MIXED)
+    for layer in range(LAYERS):
+        dense = dense_attention(out.queries[layer][0], reuser.keys[layer], reuser.values[layer])
+        assert torch.allclose(out.outputs[layer][0], dense, atol=TOL)
+    out = rig.forward([(reuser, 1), (other, 1)], ForwardMode.DECODE)
+    for layer in range(LAYERS):
+        expected = replay.decode(reuser, out.queries[layer][0], layer)
+        assert torch.allclose(out.outputs[layer][0], expected, atol=TOL)
+
+
+def test_stale_pass_after_the_row_changed_hands_leaves_no_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlap scheduler's race: a decode pass of a request that has meanwhile finished runs
+    after its row went to a new request (generation bumped) but before the newcomer's prefix was
+    written to the row. Indexing the row then would file the old request's keys under the
+    newcomer, whose first one-token step would use them."""
+    set_config(monkeypatch, token_budget=0.1)
+    rig = Rig(rows=3)
+    replay = Replay(MultipoleConfig.from_env())
+    old, owner, other = rig.new_request(), rig.new_request(), rig.new_request()
+    rig.forward([(old, 100), (owner, 160), (other, 40)], ForwardMode.EXTEND)
+    rig.forward([(old, 1), (other, 1)], ForwardMode.DECODE)
+    stale = rig._forward_batch([(old, 1), (other, 1)], ForwardMode.DECODE)  # scheduled before...
+    old_slots = rig.req_pool.req_to_token[old.row, :150].clone()
+    rig.finish(old)  # ...old finished and its row went to the newcomer
+    reuser = rig.new_request(prefix_of=owner, prefix_len=150)
+    assert reuser.row == old.row
+    new_slots = rig.req_pool.req_to_token[reuser.row, :150].clone()
+    rig.req_pool.req_to_token[reuser.row, :150] = old_slots  # the newcomer's prefix not yet written
+    rig.backend.init_forward_metadata(stale)
+    for layer in rig.layers:
+        q, k, v = (torch.randn(2, h, DIM, generator=rig.generator) for h in (HEADS_Q, HEADS_KV, HEADS_KV))
+        rig.backend.forward(q.reshape(2, -1), k, v, layer, stale)
+    rig.req_pool.req_to_token[reuser.row, :150] = new_slots
+    out = rig.forward([(reuser, 1), (other, 1)], ForwardMode.MIXED)  # settled now: indexed
     for layer in range(LAYERS):
         expected = replay.decode(reuser, out.queries[layer][0], layer)
         assert torch.allclose(out.outputs[layer][0], expected, atol=TOL)
