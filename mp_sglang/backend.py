@@ -160,19 +160,20 @@ class MultipoleAttnBackend(AttentionBackend):
             )
         exact_rows = self.kernels is not None and mode.is_decode()
         end = 0
-        for req, seq_len, n in zip(reqs, seq_lens, new_tokens, strict=True):
+        generations = pool.req_generation[reqs].tolist()  # one read of the host tensor per pass
+        for req, seq_len, n, generation in zip(reqs, seq_lens, new_tokens, generations, strict=True):
             end += n
-            settled = seq_len > 1 and self._settled(req)
-            indexed = settled and seq_len >= self.cfg.dense_below
+            indexed = seq_len > 1 and self._settled(req, generation) and seq_len >= self.cfg.dense_below
             if n == 1 and (indexed or exact_rows):
-                generation = int(pool.req_generation[req]) if indexed else -1
-                self._rows.append(MethodRow(end - 1, req, seq_len, generation, indexed=indexed))
+                self._rows.append(
+                    MethodRow(end - 1, req, seq_len, generation if indexed else -1, indexed=indexed)
+                )
         self._all_rows_method = mode.is_decode() and len(self._rows) == len(reqs)
         if self.kernels:
             self.kernels.plan(self._rows, end)
 
-    def _settled(self, req: int) -> bool:
-        """Whether `req`'s row held the same request when a pass last listed it.
+    def _settled(self, req: int, generation: int) -> bool:
+        """Whether `req`'s row, now at `generation`, held the same request when a pass last listed it.
 
         With the overlap scheduler a pass can run after its request finished and its row went to
         a new request: it lists the old request's row and length, but the pool already shows the
@@ -181,7 +182,6 @@ class MultipoleAttnBackend(AttentionBackend):
         therefore attended exactly in that pass (no index built or used); the next pass trusts it.
         Every request's first pass is normally a prefill, which settles it.
         """
-        generation = int(self.req_to_token_pool.req_generation[req])
         settled = self._seen_generation.get(req) == generation
         self._seen_generation[req] = generation
         return settled

@@ -158,7 +158,8 @@ def _stream_one(base: str, ids: list[int], new_tokens: int, stream: Stream) -> N
 
 def _greedy(base: str, prompt: str, new_tokens: int) -> tuple[list[int], list[tuple[int, float]]]:
     """Greedy continuation of a prompt: the prompt's token ids, and per new token its id and its
-    log-probability margin over the runner-up."""
+    log-probability margin over the runner-up (a small margin is a near tie that any numerical
+    difference may flip)."""
     reply = _post(
         base,
         {
