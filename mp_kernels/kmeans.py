@@ -268,13 +268,15 @@ def lloyd(
     seg = (point_start, num_points, cluster_start)
     if segments is None:
         segments = list(_segments(point_start, num_points, cluster_start, num_clusters))
+    draws = _reseed_rows(points, centroids.shape[0], iters, segments, generators)
     for it in range(iters + 1):
         labels, sums, totals = assign_and_sum(
             points, centroids, *seg, num_clusters, max_points, weights, backend
         )
         centroids = _means(sums, totals, centroids)
         if it < iters - 1:
-            centroids = _reseed(points, centroids, totals == 0, segments, generators)
+            seeds = torch.gather(points, 0, draws[it].unsqueeze(-1).expand(-1, -1, points.shape[2])).float()
+            centroids = torch.where((totals == 0).unsqueeze(-1), seeds, centroids)
     return centroids, labels
 
 
@@ -353,23 +355,44 @@ def _rows_of(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _reseed(
+def _reseed_rows(
     points: torch.Tensor,
-    centroids: torch.Tensor,
-    empty: torch.Tensor,
+    num_rows: int,
+    iters: int,
     segments: Sequence[tuple[int, int, int, int]],
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
-    """Empty clusters moved to random points of their segment: every segment draws (as
-    `clustering.lloyd` does) and one gather and select apply the draws, so nothing is read back."""
-    heads, dim = points.shape[1], points.shape[2]
-    picks = torch.zeros(centroids.shape[0], heads, dtype=torch.long)  # rows outside segments: unused
-    for (ps, pe, cs, ce), generator in zip(segments, generators, strict=True):
-        if ce > cs and pe > ps:
-            picks[cs:ce] = torch.randint(0, pe - ps, (heads, ce - cs), generator=generator).t() + ps
-    picks = clustering.to_device(picks, points.device)
-    seeds = torch.gather(points, 0, picks.unsqueeze(-1).expand(-1, -1, dim)).float()
-    return torch.where(empty.unsqueeze(-1), seeds, centroids)
+    """Point rows `[iters - 1, num_rows, H]` that each centroid row moves to if it is left empty
+    after an iteration, as `clustering.lloyd` places a segment's (`clustering.reseed_points`): the
+    segments' offsets are drawn up front and the rows computed on the device in one go, so no
+    iteration draws, copies or reads anything back."""
+    heads = points.shape[1]
+    rows = points.new_zeros(max(0, iters - 1), num_rows, heads, dtype=torch.long)  # outside segments: unused
+    live = [
+        (seg, gen)
+        for seg, gen in zip(segments, generators, strict=True)
+        if seg[1] > seg[0] and seg[3] > seg[2]
+    ]
+    if not live or iters < 2:
+        return rows
+    offsets = torch.stack(
+        [clustering.reseed_offsets(gen, iters, heads, pe - ps) for (ps, pe, _, _), gen in live], 1
+    )  # [iters - 1, segments, H]
+    bounds = torch.tensor([[ps, pe - ps, cs, ce - cs] for (ps, pe, cs, ce), _ in live]).t()
+    uploaded = clustering.to_device(torch.cat([offsets.flatten(), bounds.flatten()]), points.device)
+    offsets = uploaded[: offsets.numel()].view(offsets.shape)
+    start, size, first, count = uploaded[offsets.numel() :].view(4, -1)
+    # Every centroid row of a segment: its segment and its cluster id there (sized on the host).
+    clustered = sum(ce - cs for (_, _, cs, ce), _ in live)
+    segment = torch.repeat_interleave(
+        torch.arange(len(live), device=points.device), count, output_size=clustered
+    )
+    cluster = torch.arange(clustered, device=points.device) - (count.cumsum(0) - count)[segment]
+    point = clustering.reseed_points(
+        offsets[:, segment], cluster.unsqueeze(-1), count[segment].unsqueeze(-1), size[segment].unsqueeze(-1)
+    )
+    rows[:, first[segment] + cluster] = point + start[segment].unsqueeze(-1)
+    return rows
 
 
 def _segments(point_start, num_points, cluster_start, num_clusters):

@@ -331,10 +331,9 @@ def _warm_task(
     extra = min(
         max(0, clusters_for(size, cfg.tokens_per_cluster) - old.centroids.shape[1]), new_keys.shape[1]
     )
-    order = torch.stack([torch.randperm(new_keys.shape[1], generator=generator) for _ in range(heads)])
-    order = to_device(order, keys.device)
-    seeds = torch.gather(new_keys, 1, order[:, :extra, None].expand(-1, -1, dim))
-    rest = torch.gather(new_keys, 1, order[:, extra:, None].expand(-1, -1, dim))
+    order = to_device(torch.randperm(new_keys.shape[1], generator=generator), keys.device)  # all heads
+    seeds = new_keys[:, order[:extra]]
+    rest = new_keys[:, order[extra:]]
     centroids = torch.cat([old.centroids.float(), seeds], dim=1)  # a held level may be compact
     counts = torch.cat([old.counts.float(), new_keys.new_ones(heads, extra)], dim=1)
     sums, added = cluster_sums(rest, assign(rest, centroids), centroids.shape[1])

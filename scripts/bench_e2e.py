@@ -8,7 +8,8 @@ Each backend gets its own server, launched in turn on the same model with the sa
 same requests: for every context x batch that fits the KV pool, `batch` concurrent /generate
 requests of `context` random prompt tokens (seeded, so both backends see identical inputs; the
 radix cache is off, so nothing is reused) that each stream `--new-tokens` greedy tokens with EOS
-ignored. Per row: time to first token (prefill), the first decode step (where multipole builds its
+ignored (`--samples N` repeats each batch and reports medians). Per row: time to first token
+(prefill), the first decode step (where multipole builds its
 cluster index), and steady-state decode throughput and per-token latency over the tokens after
 `--warmup-tokens`. With `--agreement-prompt FILE` each backend also decodes that prompt greedily
 and the outputs are compared token by token with the first backend's. Free-running outputs part at
@@ -34,7 +35,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +63,7 @@ class Row:
     first_step_s: float
     decode_tok_s: float
     itl_ms: float
+    samples: int = 1
 
 
 def main() -> int:
@@ -75,6 +77,7 @@ def main() -> int:
     result: dict = {
         "args": vars(args) | {"agreement_prompt": str(args.agreement_prompt)},
         "rows": [],
+        "samples": [],
         "agreement": {},
     }
     outputs: dict[str, list[tuple[int, float]]] = {}
@@ -94,9 +97,13 @@ def main() -> int:
             print(f"[{label}] up in {time.monotonic() - started:.0f}s", flush=True)
             _generate(base, [[1] * 64], 8)  # warm-up: compile/capture paths outside the timings
             for context, batch in shapes:
-                streams = _generate(base, prompts[(context, batch)], args.new_tokens)
-                row = _row(label, context, batch, args.new_tokens, args.warmup_tokens, streams)
+                samples = []
+                for _ in range(args.samples):
+                    streams = _generate(base, prompts[(context, batch)], args.new_tokens)
+                    samples.append(_row(label, context, batch, args.new_tokens, args.warmup_tokens, streams))
+                row = median_row(samples)
                 result["rows"].append(asdict(row))
+                result["samples"] += [asdict(sample) for sample in samples]
                 print(f"[{label}] {row}", flush=True)
                 _dump(args.out, result)
             if agreement_prompt is not None:
@@ -262,6 +269,15 @@ def _row(name: str, context: int, batch: int, new_tokens: int, warmup: int, stre
     )
 
 
+def median_row(samples: list[Row]) -> Row:
+    """One row from repeated runs of the same batch: the median of every figure, so that a
+    one-off (a dense backend's first request at a new size, a scheduling hiccup) does not decide it."""
+    first = samples[0]
+    figures = ("ttft_s", "first_step_s", "decode_tok_s", "itl_ms")
+    medians = {name: statistics.median(getattr(s, name) for s in samples) for name in figures}
+    return replace(first, **medians, samples=len(samples))
+
+
 def _time_of(stream: Stream, tokens: int) -> float:
     """When the stream had produced at least `tokens` tokens."""
     return next(t for t, n in stream.arrivals if n >= tokens)
@@ -371,6 +387,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-batch-tokens", type=int, default=600_000, help="skip context x batch above this")
     ap.add_argument("--new-tokens", type=int, default=160)
+    ap.add_argument("--samples", type=int, default=1, help="runs of each context x batch; medians reported")
     ap.add_argument("--warmup-tokens", type=int, default=8)
     ap.add_argument("--context-length", type=int, default=70_000)
     ap.add_argument("--mem-fraction", type=float, default=0.6)

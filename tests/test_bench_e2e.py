@@ -1,4 +1,4 @@
-"""The serving benchmark's teacher-forced agreement probes, without a server."""
+"""The serving benchmark's numbers and teacher-forced agreement probes, without a server."""
 
 from __future__ import annotations
 
@@ -41,3 +41,12 @@ def test_probes_ask_for_the_forced_context_and_score_the_decoded_token(monkeypat
         "miss_positions": [2],
         "miss_reference_margins": [3.5],
     }
+
+
+def test_repeated_batches_report_the_median_of_each_figure():
+    def sample(ttft: float, tok_s: float) -> bench_e2e.Row:
+        return bench_e2e.Row("multipole", 65536, 1, 160, ttft, 0.01, tok_s, 4.0)
+
+    row = bench_e2e.median_row([sample(12.3, 250.0), sample(2.3, 262.0), sample(2.2, 258.0)])
+    assert (row.ttft_s, row.decode_tok_s, row.samples) == (2.3, 258.0, 3)
+    assert (row.backend, row.context, row.batch, row.itl_ms) == ("multipole", 65536, 1, 4.0)

@@ -144,7 +144,10 @@ def test_batched_builds_and_folds_match_the_reference(levels, max_bytes):
 
 def test_batched_solver_clusters_points_in_the_given_dtype():
     """points_dtype=bf16 (the serving setting) clusters the keys rounded to bf16: the same labels
-    as clustering the rounded keys in fp32, and centroids that are their fp32 means."""
+    as clustering the rounded keys in fp32, and centroids that are their fp32 means. Both start
+    from the same (bf16-exact) centroids: the solver rounds the points, not the starting point."""
+    from dataclasses import replace
+
     from mp_sglang.kmeans_tasks import random_init_task
 
     gen = torch.Generator().manual_seed(4)
@@ -152,11 +155,13 @@ def test_batched_solver_clusters_points_in_the_given_dtype():
     rounded = points.to(torch.bfloat16).float()
     values = torch.randn(HEADS, 64, 8, generator=gen)
 
-    def task(keys):
-        return random_init_task(keys, values, 6, 3, torch.Generator().manual_seed(0))
+    def task():
+        return random_init_task(rounded, values, 6, 3, torch.Generator().manual_seed(0))
 
-    (got,) = kmeans.solve_batched([task(points)], points_dtype=torch.bfloat16, backend="triton")
-    (want,) = kmeans.solve_batched([task(rounded)], backend="triton")
+    (got,) = kmeans.solve_batched(
+        [replace(task(), points=points)], points_dtype=torch.bfloat16, backend="triton"
+    )
+    (want,) = kmeans.solve_batched([task()], backend="triton")
     assert torch.equal(got.labels, want.labels) and torch.equal(got.totals, want.totals)
     means, _ = clustering.cluster_means(rounded, got.labels, 6, got.centroids)
     assert torch.allclose(got.centroids, means, atol=1e-5)
