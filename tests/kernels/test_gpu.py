@@ -130,6 +130,24 @@ def test_kmeans_real_sizes():
         assert torch.allclose(means, block_c.cpu(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("reseeded", [False, True])
+def test_centroid_update_real_sizes(reseeded):
+    """A build round's centroid update (8 blocks x 512 clusters x 8 heads, bf16 points) through
+    the kernel, against its torch steps: fp32 centroids, their bf16 cast and norms."""
+    gen = torch.Generator().manual_seed(4)
+    rows, heads = 8 * 512, 8
+    points = torch.randn(8 * 8192, heads, 128, generator=gen).to(torch.bfloat16).cuda()
+    sums = torch.randn(rows, heads, 128, generator=gen).cuda()
+    totals = torch.randint(0, 3, (rows, heads), generator=gen).float().cuda()
+    centroids = torch.randn(rows, heads, 128, generator=gen).cuda()
+    reseed = torch.randint(0, points.shape[0], (rows, heads), generator=gen).cuda() if reseeded else None
+    got = kmeans.update_centroids(sums, totals, centroids, points, reseed)
+    want = kmeans.update_centroids(sums, totals, centroids, points, reseed, backend="torch")
+    assert got[1].dtype == torch.bfloat16
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.allclose(got[2], want[2], rtol=1e-5)
+
+
 def test_rotary_real_sizes():
     """A fold's window of 16 layers x 8 heads (bf16 pool layout, fp32 out) and a batch of queries
     (bf16 out), through `Rope.apply`'s GPU path, against its torch path on the same inputs."""

@@ -197,3 +197,23 @@ def test_a_fold_may_hold_its_window_in_the_cache_dtype():
     assert torch.equal(folds[0].levels[0].counts.sum(-1), folds[1].levels[0].counts.sum(-1))
     for fold in folds:
         assert fold.levels[0].centroids.dtype == fold.levels[0].value_centroids.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reseeded", [False, True])
+def test_centroid_update_kernel_matches_its_torch_steps(dtype, reseeded):
+    """Means of non-empty clusters, and for empty ones the named point (or the old centroid),
+    with the assignment's inputs (cast centroids, norms) from the same values."""
+    gen = torch.Generator().manual_seed(6)
+    rows, points_n = 21, 40
+    points = torch.randn(points_n, HEADS, DIM, generator=gen).to(dtype)
+    sums = torch.randn(rows, HEADS, DIM, generator=gen)
+    totals = torch.randint(0, 4, (rows, HEADS), generator=gen).float()  # about a quarter empty
+    centroids = torch.randn(rows, HEADS, DIM, generator=gen)
+    reseed = torch.randint(0, points_n, (rows, HEADS), generator=gen) if reseeded else None
+    got = kmeans.update_centroids(sums, totals, centroids, points, reseed, backend="triton")
+    want = kmeans.update_centroids(sums, totals, centroids, points, reseed, backend="torch")
+    assert (totals == 0).any() and (totals > 0).any()
+    assert torch.equal(got[0], want[0]) and got[1].dtype == want[1].dtype
+    assert torch.equal(got[1], want[1])
+    assert torch.allclose(got[2], want[2], rtol=1e-6)
