@@ -180,7 +180,9 @@ class MultipoleAttnBackend(AttentionBackend):
         new generation, and an index built then would be filed under the newcomer and reused by
         its first one-token step. A row whose generation changed since it was last listed is
         therefore attended exactly in that pass (no index built or used); the next pass trusts it.
-        Every request's first pass is normally a prefill, which settles it.
+        Every request's first pass is normally a prefill, which settles it, so an unsettled row of
+        a DECODE pass is a finished request's, whose output is thrown away: the kernel path
+        attends it over at most its static bound of exact tokens (`KernelDecoder.max_exact`).
         """
         settled = self._seen_generation.get(req) == generation
         self._seen_generation[req] = generation

@@ -121,11 +121,17 @@ def reseed_offsets(generator: torch.Generator, iters: int, heads: int, num_point
     return torch.randint(0, num_points, (max(0, iters - 1), heads), generator=generator)
 
 
-def reseed_points(offsets: torch.Tensor, cluster: torch.Tensor, num_clusters, num_points) -> torch.Tensor:
+def reseed_points(
+    offsets: torch.Tensor,
+    cluster: torch.Tensor,
+    num_clusters: int | torch.Tensor,
+    num_points: int | torch.Tensor,
+) -> torch.Tensor:
     """The point that cluster `cluster` of `num_clusters` moves to if it is left empty:
     (offset + cluster * num_points // num_clusters) mod num_points. Over the random offset it is a
-    uniformly random point, and different clusters get different points. Broadcasts, so one call
-    serves all heads, iterations and (with per-cluster sizes) segments."""
+    uniformly random point, and different clusters get different points (when there are no more
+    clusters than points). Broadcasts, so one call serves all heads, iterations and (with
+    per-cluster sizes) segments."""
     return (offsets + cluster * num_points // num_clusters) % num_points
 
 

@@ -305,12 +305,38 @@ def _agreement(outputs: dict[str, list[tuple[int, float]]]) -> dict:
     return report
 
 
+def short_labels(specs: list[str]) -> list[str]:
+    """Column labels for backend specs: each spec without the flags (a flag with its value) and
+    settings that every spec shares, so that a table of "flashinfer $P" and "multipole $P" reads
+    "flashinfer" and "multipole". A spec left empty or equal to another keeps its full text."""
+    units = [_units(spec) for spec in specs]
+    shared = set.intersection(*(set(u) for u in units)) if units else set()
+    labels = [" ".join(unit for unit in u if unit not in shared) for u in units]
+    return [
+        label if label and labels.count(label) == 1 else spec
+        for label, spec in zip(labels, specs, strict=True)
+    ]
+
+
+def _units(spec: str) -> list[str]:
+    """A spec's words, each flag joined with the value that follows it."""
+    units: list[str] = []
+    for word in shlex.split(spec):
+        if units and units[-1].startswith("-") and " " not in units[-1] and not word.startswith("-"):
+            units[-1] += " " + word
+        else:
+            units.append(word)
+    return units
+
+
 def _table(result: dict, names: list[str]) -> str:
     rows = {(r["backend"], r["context"], r["batch"]): r for r in result["rows"]}
     dense, others = names[0], names[1:]
-    head = ["ctx", "B", f"{dense} tok/s", f"{dense} ITL ms", f"{dense} TTFT s"]
+    label = dict(zip(names, short_labels(names), strict=True))
+    head = ["ctx", "B", f"{label[dense]} tok/s", f"{label[dense]} ITL ms", f"{label[dense]} TTFT s"]
     for name in others:
-        head += [f"{name} tok/s", f"{name} ITL ms", f"{name} TTFT s", f"{name} 1st step s", "speedup"]
+        shown = label[name]
+        head += [f"{shown} tok/s", f"{shown} ITL ms", f"{shown} TTFT s", f"{shown} 1st step s", "speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for context, batch in sorted({(r["context"], r["batch"]) for r in result["rows"]}):
         base = rows.get((dense, context, batch))

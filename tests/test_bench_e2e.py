@@ -50,3 +50,12 @@ def test_repeated_batches_report_the_median_of_each_figure():
     row = bench_e2e.median_row([sample(12.3, 250.0), sample(2.3, 262.0), sample(2.2, 258.0)])
     assert (row.ttft_s, row.decode_tok_s, row.samples) == (2.3, 258.0, 3)
     assert (row.backend, row.context, row.batch, row.itl_ms) == ("multipole", 65536, 1, 4.0)
+
+
+def test_table_labels_drop_what_every_backend_shares():
+    flags = "--cuda-graph-max-bs 32 --cuda-graph-backend-prefill disabled"
+    specs = [f"triton {flags}", f"MULTIPOLE_TOKEN_BUDGET=1.0 multipole {flags}", f"multipole {flags}"]
+    assert bench_e2e.short_labels(specs) == ["triton", "MULTIPOLE_TOKEN_BUDGET=1.0 multipole", "multipole"]
+    tp = ["flashinfer --tp 2 --x 1", "multipole --tp 2 --x 2"]
+    assert bench_e2e.short_labels(tp) == ["flashinfer --x 1", "multipole --x 2"]
+    assert bench_e2e.short_labels(["multipole", "multipole"]) == ["multipole", "multipole"]  # no label left

@@ -77,6 +77,35 @@ def test_lloyd_matches_clustering_lloyd():
     assert torch.allclose(got_c.transpose(0, 1), ref_c, atol=1e-5, rtol=1e-5)
 
 
+def test_lloyd_reseeds_every_segment_as_clustering_does():
+    """Two segments, each with an empty cluster, each with its own generator: the batched
+    re-seeding places each segment's clusters as `clustering.lloyd` does on that segment alone."""
+    gen = torch.Generator().manual_seed(8)
+    sizes = [(60, 12), (45, 9)]
+    points, centroids, ps, npts, cs, ncl = _segments(sizes, gen)
+    centroids[2] = centroids[12 + 5] = 50.0  # far from everything: empty after the first pass
+    got_c, got_l = kmeans.lloyd(
+        points, centroids, ps, npts, cs, ncl, 60, 4, [torch.Generator().manual_seed(s) for s in (1, 2)],
+        backend="triton",
+    )  # fmt: skip
+    for seed, (n, c), p0, c0 in zip((1, 2), sizes, ps.tolist(), cs.tolist(), strict=True):
+        ref_c, ref_l = clustering.lloyd(
+            points[p0 : p0 + n].transpose(0, 1),
+            centroids[c0 : c0 + c].transpose(0, 1),
+            4,
+            torch.Generator().manual_seed(seed),
+        )
+        assert torch.equal(got_l[p0 : p0 + n].t().long(), ref_l)
+        assert torch.allclose(got_c[c0 : c0 + c].transpose(0, 1), ref_c, atol=1e-5, rtol=1e-5)
+
+
+def test_reseed_points_are_distinct_and_in_range():
+    offsets = clustering.reseed_offsets(torch.Generator().manual_seed(0), 5, 3, 100)
+    points = clustering.reseed_points(offsets.unsqueeze(-1), torch.arange(7), 7, 100)
+    assert points.shape == (4, 3, 7) and points.min() >= 0 and points.max() < 100
+    assert all(len(set(row.tolist())) == 7 for row in points.flatten(0, 1))
+
+
 def test_reference_assign_through_the_kernel_matches_torch(generator):
     """clustering.assign takes the Triton kernel on CUDA; here it runs in the interpreter on
     strided views, as the reference's blocks and windows are."""
