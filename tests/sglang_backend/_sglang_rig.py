@@ -84,11 +84,14 @@ class Rig:
         model: torch.nn.Module | None = None,
         seed: int = 0,
         device: str = "cpu",
+        heads_q: int = HEADS_Q,
         **runner_fields: object,
     ) -> None:
         """`device` holds the pools and tensors; the runner stays "cpu", so the dense path is
-        torch_native (device-agnostic) even on a GPU, and the rig needs no full sglang runtime."""
+        torch_native (device-agnostic) even on a GPU, and the rig needs no full sglang runtime.
+        `heads_q` query heads share the `HEADS_KV` KV heads (GQA; equal counts: MHA)."""
         self.device = device
+        self.heads_q = heads_q
         self.req_pool = ReqToTokenPool(
             size=rows, max_context_len=context, device=device, enable_memory_saver=False
         )
@@ -116,7 +119,7 @@ class Rig:
         )
         vars(self.runner).update(runner_fields)
         self.backend = create_backend(self.runner)
-        self.layers = [RadixAttention(HEADS_Q, DIM, DIM**-0.5, HEADS_KV, layer_id=i) for i in range(LAYERS)]
+        self.layers = [RadixAttention(heads_q, DIM, DIM**-0.5, HEADS_KV, layer_id=i) for i in range(LAYERS)]
 
     def new_request(self, prefix_of: Request | None = None, prefix_len: int = 0) -> Request:
         """A request on a fresh row; with `prefix_of`, its first tokens are a radix-cache hit on
@@ -154,11 +157,11 @@ class Rig:
         for layer in self.layers:
             q, k, v = (
                 torch.randn(tokens, heads, DIM, generator=self.generator).to(self.device)
-                for heads in (HEADS_Q, HEADS_KV, HEADS_KV)
+                for heads in (self.heads_q, HEADS_KV, HEADS_KV)
             )
             out = self.backend.forward(q.reshape(tokens, -1), k, v, layer, batch)
             queries.append(q)
-            outputs.append(out.reshape(tokens, HEADS_Q, DIM))
+            outputs.append(out.reshape(tokens, self.heads_q, DIM))
             start = 0
             for request, count in steps:
                 new = slice(start, start + count)

@@ -67,9 +67,10 @@ def test_decode_full_budget_equals_dense(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not dense_decodes  # every row was the method's: the backend wrote K/V, no dense decode ran
 
 
-def test_decode_partial_budget_follows_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("heads_q", [HEADS_Q, HEADS_KV], ids=["gqa", "mha"])
+def test_decode_partial_budget_follows_reference(monkeypatch: pytest.MonkeyPatch, heads_q: int) -> None:
     set_config(monkeypatch, token_budget=0.1, dense_below=100)
-    rig = Rig()
+    rig = Rig(heads_q=heads_q)
     replay = Replay(MultipoleConfig.from_env())
     short, long_a, long_b = (rig.new_request() for _ in range(3))
     rig.forward([(short, 60), (long_a, 180), (long_b, 333)], ForwardMode.EXTEND)
