@@ -1,11 +1,11 @@
-"""Build a small random-weight Llama model directory, tokenizer included, with no download.
+"""Build a small random-weight Llama (or Qwen2/Qwen3) model directory, tokenizer included, with no download.
 
 Serving tests on an offline machine need a real model directory (config, safetensors weights,
 tokenizer with a chat template) that sglang loads like any Hugging Face checkpoint. The weights are
 random, so the text it generates is noise; what matters is that every part of the serving stack runs.
 The tokenizer is a byte-level BPE trained here on a small built-in corpus, so any text encodes.
 
-    python3 scripts/make_random_model.py --out /tmp/rand-llama [--hidden 512 --layers 4 ...]
+    python3 scripts/make_random_model.py --out /tmp/rand-llama [--arch qwen3 --hidden 512 --layers 4 ...]
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ import sys
 from pathlib import Path
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+# --arch: the transformers config and model classes, and the architecture name sglang dispatches on.
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
@@ -55,14 +61,15 @@ def build_tokenizer(vocab_size: int):
 
 
 def build_config(args: argparse.Namespace, tokenizer):
-    """The LlamaConfig of the requested shape."""
-    from transformers import LlamaConfig
+    """The config of the requested architecture and shape."""
+    import transformers
 
     if args.hidden % args.heads or args.heads % args.kv_heads:
         raise ValueError("hidden must divide by heads, and heads by kv-heads")
     vocab = -(-len(tokenizer) // 64) * 64  # padded like real checkpoints; extra rows are never produced
-    return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
+    config_class, model_class = ARCHITECTURES[args.arch]
+    return getattr(transformers, config_class)(
+        architectures=[model_class],
         vocab_size=vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate or 4 * args.hidden,
@@ -82,13 +89,13 @@ def build_config(args: argparse.Namespace, tokenizer):
 
 
 def build_model(args: argparse.Namespace, tokenizer):
-    """A LlamaForCausalLM with the requested shape and the library's own random initialisation."""
+    """A causal LM of the requested architecture and shape, the library's own random initialisation."""
     import torch
-    from transformers import LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(args.seed)
     config = build_config(args, tokenizer)
-    model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+    model = getattr(transformers, ARCHITECTURES[args.arch][1])(config).to(getattr(torch, args.dtype))
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -98,6 +105,7 @@ def build_model(args: argparse.Namespace, tokenizer):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="model directory to write")
+    ap.add_argument("--arch", choices=sorted(ARCHITECTURES), default="llama")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--intermediate", type=int, default=0, help="MLP width (default 4 x hidden)")
     ap.add_argument("--layers", type=int, default=4)

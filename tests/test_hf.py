@@ -92,6 +92,35 @@ def test_full_budget_generates_exactly_what_dense_attention_does(smollm2, dense_
     assert index.num_clustered > 0
 
 
+@pytest.mark.parametrize("model_type,kv_heads", [("qwen3", 2), ("qwen2", 4)], ids=["qwen3-gqa", "qwen2-mha"])
+def test_full_budget_generates_what_dense_does_on_qwen_models(model_type, kv_heads):
+    """Random-weight Qwen3 (q/k norms, GQA) and Qwen2 (q/k/v biases, MHA) models: at full budget
+    the method decodes exactly as sdpa, through index builds and updates."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(1, 128, (1, 300), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dense_tokens, dense_logits = generate(model, inputs, "sdpa", new_tokens=24)
+    tokens, logits = generate(model, inputs, "multipole", {"token_budget": 1.0, **SMALL_INDEX}, new_tokens=24)
+    assert torch.equal(tokens, dense_tokens)
+    assert (logits - dense_logits).abs().max() < 1e-3
+    index = model.model.layers[0].self_attn.__dict__["_multipole"].indexes[0]
+    assert index.num_clustered > 0
+
+
 def test_left_padded_batch_matches_rows_run_alone(smollm2):
     model, tokenizer = smollm2
     settings = {"token_budget": 0.1, **SMALL_INDEX}
