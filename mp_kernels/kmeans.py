@@ -285,8 +285,8 @@ def lloyd(
             points, centroids, *seg, num_clusters, max_points, weights, backend, prepared
         )
         reseed = draws[it] if it < iters - 1 else None
-        centroids, *multiplied = update_centroids(sums, totals, centroids, points, reseed, backend)
-        prepared = tuple(multiplied)
+        centroids, low, norms = update_centroids(sums, totals, centroids, points, reseed, backend)
+        prepared = (low, norms)
     return centroids, labels
 
 
