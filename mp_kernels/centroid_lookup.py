@@ -11,7 +11,7 @@ Three launches per decode step (one more pair per extra hierarchy level), none n
 Selection without a sort: with positive sizes, the prefix "descending importance while cumulative
 size <= budget" is exactly the clusters whose key exceeds a threshold, plus a prefix (by cluster id)
 of those whose key equals it. The key is the top 16 bits of the importance's fp32 bit pattern
-(monotone for values >= 0; the reference ranks by the same truncation, `reference.ranking_key`), the
+(monotone for values >= 0; the reference ranks by the same truncation, `ranking_key` below), the
 threshold is found by 16 rounds of bisection over the key range, each a register-resident
 reduction. Tie rule = the reference's stable sort: equal key, lower cluster id first.
 """
@@ -27,7 +27,6 @@ import triton.language as tl
 
 from mp_kernels.dispatch import exact_dots, next_power_of_2, use_triton
 from mp_kernels.layout import BatchIndex, LevelTensors
-from mp_sglang.reference import ranking_key
 
 
 @dataclass(frozen=True)
@@ -568,3 +567,12 @@ def _expand_kernel(
     tl.store(token_pos + b * stride_pb + h * stride_ph + j, pos, mask=j < cap)
     if tile == 0:
         tl.store(token_len + pid, total)
+
+
+def ranking_key(importance: torch.Tensor) -> torch.Tensor:
+    """Importance truncated to bfloat16 precision (8 significant bits): what clusters are ranked
+    by, ties going to the lower cluster id. Half the bits halve the decode kernel's threshold
+    search (16 dependent reductions instead of 32), and clusters this close in importance are
+    interchangeable for the approximation."""
+    bits = importance.float().contiguous().view(torch.int32)
+    return (bits & -(1 << 16)).view(torch.float32)

@@ -1,6 +1,6 @@
 """One Multipole decode step for a batch: lookup, exact part, approximate part, merge.
 
-This composes the four kernel modules exactly as `mp_sglang.reference.decode_attention` composes
+This composes the four kernel modules exactly as `mp_sglang.method.reference.decode_attention` composes
 its steps, so it is both the end-to-end check of the kernels and the call an attention backend
 makes. All sizes that shape a launch are static arguments (CUDA-graph capture works).
 """

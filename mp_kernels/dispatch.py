@@ -31,3 +31,15 @@ def exact_dots(dtype: torch.dtype) -> bool:
     """Whether kernels must multiply in fp32 ("ieee"): for fp32 inputs (tf32 would cost ~1e-3), and
     always in Triton's CPU interpreter, whose bf16/fp16 `tl.dot` is wrong (Triton 3.6)."""
     return dtype == torch.float32 or triton.knobs.runtime.interpret
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (random picks, per-row metadata) onto `device` without waiting for the
+    GPU's queue to drain.
+
+    A copy from pageable memory blocks the host until the stream catches up; a copy from pinned
+    memory is queued instead (the host allocator keeps the buffer until the copy has run).
+    """
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -5,8 +5,8 @@ the final block during an update): segment `b` owns point rows `point_start[b] :
 num_points[b]` of `points [N, H, d]` and centroid rows `cluster_start[b] : cluster_start[b] +
 num_clusters[b]` of `centroids [R, H, d]`; labels are local cluster ids. All heads of all segments
 run in one launch, which is what makes building a 128K-token index a handful of launches.
-`lloyd` composes the steps exactly as `mp_sglang.clustering.lloyd` does, and `solve_batched` solves
-a round of `mp_sglang.kmeans_tasks` problems (index builds and folds of many requests and layers)
+`lloyd` composes the steps exactly as `kmeans_reference.lloyd` does, and `solve_batched` solves a
+round of `kmeans_reference.KMeansTask` problems (index builds and folds of many requests and layers)
 with it.
 """
 
@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mp_kernels.dispatch import exact_dots, use_triton
-from mp_sglang import clustering
-from mp_sglang.kmeans_tasks import KMeansResult, KMeansTask
+from mp_kernels import kmeans_reference
+from mp_kernels.dispatch import exact_dots, to_device, use_triton
+from mp_kernels.kmeans_reference import KMeansResult, KMeansTask
 
 # Assignment tiles: points x centroids per program. bf16/fp16 multiply on tensor cores (tuned on
 # the H100, docs/perf.md); fp32 FMA tiles beyond 32 x 32 spill (ptxas resource report, sm_90).
@@ -89,7 +89,7 @@ def _assign_reference(
     labels = torch.empty(points.shape[:2], dtype=torch.int32, device=points.device)
     for ps, pe, cs, ce in _segments(point_start, num_points, cluster_start, num_clusters):
         if pe > ps and ce > cs:
-            got = clustering.assign(
+            got = kmeans_reference.assign(
                 points[ps:pe].transpose(0, 1).float(), centroids[cs:ce].transpose(0, 1).float()
             )
             labels[ps:pe] = got.t().to(torch.int32)
@@ -267,7 +267,7 @@ def lloyd(
     backend: str | None = None,
     segments: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations of every segment, as `clustering.lloyd` on each: after every iteration but
+    """Lloyd iterations of every segment, as `kmeans_reference.lloyd` on each: after every iteration but
     the last, a segment's empty clusters move to random points drawn from its own generator
     (`generators[b]`); returns fp32 centroids and labels.
 
@@ -357,7 +357,7 @@ def solve_batched(
     backend: str | None = None,
     max_bytes: int = 1 << 30,
 ) -> list[KMeansResult]:
-    """`kmeans_tasks.solve_each`, with the tasks of a round as the segments of a few `lloyd` calls.
+    """`kmeans_reference.solve_each`, with the tasks of a round as the segments of a few `lloyd` calls.
 
     Tasks are grouped by what one launch must share (iterations, weighted or not, head and feature
     sizes) and concatenated up to `max_bytes` of fp32 points at a time. `points_dtype` (e.g. the
@@ -390,7 +390,7 @@ def _solve_segments(tasks, chosen, results, points_dtype, backend) -> None:
     point_starts = [0, *itertools.accumulate(sizes)][:-1]
     cluster_starts = [0, *itertools.accumulate(clusters)][:-1]
     host = torch.tensor([point_starts, sizes, cluster_starts, clusters], dtype=torch.int32)
-    point_start, num_points, cluster_start, num_clusters = clustering.to_device(host, group[0].points.device)
+    point_start, num_points, cluster_start, num_clusters = to_device(host, group[0].points.device)
     seg = (point_start, num_points, cluster_start)
     points = _rows_of([t.points for t in group], points_dtype or group[0].points.dtype)
     values = _rows_of([t.values for t in group], group[0].values.dtype)
@@ -434,7 +434,7 @@ def _reseed_rows(
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
     """Point rows `[iters - 1, num_rows, H]` that each centroid row moves to if it is left empty
-    after an iteration, as `clustering.lloyd` places a segment's (`clustering.reseed_points`): the
+    after an iteration, as `kmeans_reference.lloyd` places a segment's (`kmeans_reference.reseed_points`): the
     segments' offsets are drawn up front and the rows computed on the device in one go, so no
     iteration draws, copies or reads anything back."""
     heads = points.shape[1]
@@ -447,10 +447,10 @@ def _reseed_rows(
     if not live or iters < 2:
         return rows
     offsets = torch.stack(
-        [clustering.reseed_offsets(gen, iters, heads, pe - ps) for (ps, pe, _, _), gen in live], 1
+        [kmeans_reference.reseed_offsets(gen, iters, heads, pe - ps) for (ps, pe, _, _), gen in live], 1
     )  # [iters - 1, segments, H]
     bounds = torch.tensor([[ps, pe - ps, cs, ce - cs] for (ps, pe, cs, ce), _ in live]).t()
-    uploaded = clustering.to_device(torch.cat([offsets.flatten(), bounds.flatten()]), points.device)
+    uploaded = to_device(torch.cat([offsets.flatten(), bounds.flatten()]), points.device)
     offsets = uploaded[: offsets.numel()].view(offsets.shape)
     start, size, first, count = uploaded[offsets.numel() :].view(4, -1)
     # Every centroid row of a segment: its segment and its cluster id there (sized on the host).
@@ -459,7 +459,7 @@ def _reseed_rows(
         torch.arange(len(live), device=points.device), count, output_size=clustered
     )
     cluster = torch.arange(clustered, device=points.device) - (count.cumsum(0) - count)[segment]
-    point = clustering.reseed_points(
+    point = kmeans_reference.reseed_points(
         offsets[:, segment], cluster.unsqueeze(-1), count[segment].unsqueeze(-1), size[segment].unsqueeze(-1)
     )
     rows[:, first[segment] + cluster] = point + start[segment].unsqueeze(-1)

@@ -11,8 +11,8 @@ over without copies:
   local (0-based) within that range. `max_clusters` is a static bound (grid and workspace sizes do
   not depend on data, so a decode step can be captured in a CUDA graph).
 
-`pack_indices` turns reference `ClusterIndex` objects into this layout (tests, benchmarks, and a
-description of the layout by example).
+`mp_sglang.method.packing.pack_indices` lays the method's reference indexes out this way (tests,
+benchmarks, and a description of the layout by example).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from mp_sglang.reference import ClusterIndex
 
 
 @dataclass(frozen=True)
@@ -72,39 +70,6 @@ class BatchIndex:
     seq_lens: torch.Tensor
 
 
-def pack_indices(
-    indices: Sequence[ClusterIndex], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-) -> BatchIndex:
-    """Lay out the reference indices of a batch (one per request, same layer) for the kernels."""
-    num_levels = len(indices[0].levels)
-    levels = []
-    for lvl in range(num_levels):
-        per_req = [index.levels[lvl] for index in indices]
-        sizes = [level.centroids.shape[1] for level in per_req]
-        parents = None
-        if lvl + 1 < num_levels:
-            parents = _rows([index.levels[lvl + 1].labels.t() for index in indices], torch.int32, device)
-        levels.append(
-            LevelTensors(
-                centroids=_rows([lv.centroids.transpose(0, 1) for lv in per_req], dtype, device),
-                value_centroids=_rows([lv.value_centroids.transpose(0, 1) for lv in per_req], dtype, device),
-                counts=_rows([lv.counts.t() for lv in per_req], torch.int32, device),
-                cluster_start=_int32(_exclusive_cumsum(sizes), device),
-                num_clusters=_int32(sizes, device),
-                max_clusters=max(sizes),
-                parent=parents,
-            )
-        )
-    member_start, members = _members(indices, device)
-    return BatchIndex(
-        levels=tuple(levels),
-        member_start=member_start,
-        members=members,
-        sink_len=_int32([min(index.start, index.num_tokens) for index in indices], device),
-        recent_start=_int32([index.recent_start for index in indices], device),
-        seq_lens=_int32([index.num_tokens for index in indices], device),
-    )
-
 
 def contiguous_pool(
     keys: Sequence[torch.Tensor],
@@ -134,35 +99,3 @@ def contiguous_pool(
         k_buffer[slots] = k.transpose(0, 1).to(dtype)
         v_buffer[slots] = v.transpose(0, 1).to(dtype)
     return PagedKV(k_buffer, v_buffer, table, torch.arange(len(keys), dtype=torch.int32), page_size)
-
-
-def _members(
-    indices: Sequence[ClusterIndex], device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    starts, members = [], []
-    base = 0
-    for index in indices:
-        level = index.levels[0]
-        labels = level.labels  # [H, num_clustered]
-        order = torch.sort(labels, dim=-1, stable=True).indices
-        members.append((order + index.start).t())
-        counts = level.counts.t()  # [C, H]
-        starts.append(base + torch.cumsum(counts, 0) - counts)
-        base += labels.shape[1]
-    return _rows(starts, torch.int32, device), _rows(members, torch.int32, device)
-
-
-def _rows(parts: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    return torch.cat([p.to(dtype) for p in parts], dim=0).contiguous().to(device)
-
-
-def _int32(values: Sequence[int], device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.int32, device=device)
-
-
-def _exclusive_cumsum(sizes: Sequence[int]) -> list[int]:
-    out, total = [], 0
-    for size in sizes:
-        out.append(total)
-        total += size
-    return out

@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from mp_kernels.dispatch import next_power_of_2, use_triton
-from mp_sglang.rope import rotate_pairs
 
 ROWS_PER_PROGRAM = 32
 
@@ -108,3 +107,14 @@ def _rotate_kernel(
     y2 = x2 * c + x1 * s
     tl.store(out + o_row + first[None, :], y1.to(out.dtype.element_ty), mask=mask)
     tl.store(out + o_row + second[None, :], y2.to(out.dtype.element_ty), mask=mask)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """The rotation in plain torch, in `x`'s dtype: neox pairs dimension i with i + d/2,
+    otherwise neighbours (2i, 2i+1)."""
+    if neox:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

@@ -15,10 +15,10 @@ from pathlib import Path
 import click
 import torch
 
-from mp_sglang.capture import LayerActivations, capture_activations, model_rope
-from mp_sglang.config import MultipoleConfig
-from mp_sglang.demo import sample_text
-from mp_sglang.fidelity import average, format_table, layer_fidelity
+from mp_sglang.method.config import MultipoleConfig
+from mp_sglang.tools.capture import LayerActivations, capture_activations, model_rope
+from mp_sglang.tools.demo import sample_text
+from mp_sglang.tools.fidelity import average, format_table, layer_fidelity
 
 
 def synthetic_layer(seq: int, generator: torch.Generator) -> LayerActivations:
@@ -63,8 +63,8 @@ def main(
 
 def greedy(budgets: list[float], steps: int, out: Path) -> None:
     """SmolLM2 on the shipped text plus a question; the index is forced on (dense_below=0)."""
-    from mp_sglang.agreement import dense_greedy, teacher_forced_agreement
-    from mp_sglang.bundled_model import load_smollm2
+    from mp_sglang.tools.agreement import dense_greedy, teacher_forced_agreement
+    from mp_sglang.tools.bundled_model import load_smollm2
 
     started = time.time()
     model, tokenizer = load_smollm2()
@@ -101,7 +101,7 @@ def greedy(budgets: list[float], steps: int, out: Path) -> None:
 def activations(
     budgets: list[float], decode_steps: int, synthetic_len: int, layer_stride: int, out: Path
 ) -> None:
-    from mp_sglang.bundled_model import load_smollm2
+    from mp_sglang.tools.bundled_model import load_smollm2
 
     started = time.time()
     cases = [("synthetic", [synthetic_layer(synthetic_len, torch.Generator().manual_seed(0))], None)]

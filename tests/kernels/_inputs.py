@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mp_kernels.layout import BatchIndex, PagedKV, contiguous_pool, pack_indices
-from mp_sglang.config import MultipoleConfig
-from mp_sglang.reference import ClusterIndex, build_index
+from mp_kernels.layout import BatchIndex, PagedKV, contiguous_pool
+from mp_sglang.method.config import MultipoleConfig
+from mp_sglang.method.packing import pack_indices
+from mp_sglang.method.reference import ClusterIndex, build_index
 
 POISON_INT = -7777
 

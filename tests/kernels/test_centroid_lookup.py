@@ -6,9 +6,9 @@ import pytest
 import torch
 from _inputs import make_batch, small_config
 
-from mp_kernels.centroid_lookup import Selection, expand_selection, lookup, select_within_budget
+from mp_kernels.centroid_lookup import Selection, expand_selection, lookup, ranking_key, select_within_budget
 from mp_kernels.layout import BatchIndex, LevelTensors
-from mp_sglang import reference
+from mp_sglang.method import reference
 
 LENS = [9, 75, 130, 41]  # 9: nothing clustered (all sink + recent); others: 1-4 k-means blocks
 
@@ -52,7 +52,7 @@ def test_importance_ties_below_bfloat16_precision_go_to_the_lower_cluster_id(bac
     logits = torch.tensor([[[0.0, 1e-4, 0.85, -20.0]]])
     importance = torch.softmax(logits[0, 0], dim=-1)
     assert importance[1] > importance[0]
-    assert reference.ranking_key(importance[:2]).unique().numel() == 1
+    assert ranking_key(importance[:2]).unique().numel() == 1
     counts = torch.full((4, 1), 4, dtype=torch.int32)
     zero, four = torch.zeros(1, dtype=torch.int32), torch.full((1,), 4, dtype=torch.int32)
     level = LevelTensors(torch.zeros(4, 1, 8), torch.zeros(4, 1, 8), counts, zero, four, 4)

@@ -1,4 +1,4 @@
-"""End to end: the composed kernels vs `mp_sglang.reference.decode_attention`, request by request."""
+"""End to end: the composed kernels vs `mp_sglang.method.reference.decode_attention`, request by request."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from mp_kernels._softmax import SPLIT_ALIGN
 from mp_kernels.centroid_lookup import lookup
 from mp_kernels.centroid_replace import centroid_replace, merge_partials
 from mp_kernels.decode import MAX_EXACT_SPLITS, default_splits, multipole_decode, replacement_splits
-from mp_sglang import reference
+from mp_sglang.method import reference
 
 LENS = [9, 75, 130, 41]
 

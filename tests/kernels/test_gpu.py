@@ -6,13 +6,14 @@ import pytest
 import torch
 from _inputs import make_batch, small_config
 
-from mp_kernels import kmeans
+from mp_kernels import kmeans, kmeans_reference
 from mp_kernels.centroid_lookup import lookup
 from mp_kernels.centroid_replace import centroid_replace
 from mp_kernels.decode import multipole_decode
+from mp_kernels.rotary import rotate_pairs
 from mp_kernels.sparse_decode import sparse_decode
-from mp_sglang import clustering, reference
-from mp_sglang.rope import Rope, rotate_pairs
+from mp_sglang.method import reference
+from mp_sglang.method.rope import Rope
 
 pytestmark = pytest.mark.gpu
 LENS = [3000, 777, 5000]
@@ -124,7 +125,7 @@ def test_kmeans_real_sizes():
         chosen = dist.gather(-1, got.unsqueeze(-1)).squeeze(-1)
         assert torch.all(chosen <= dist.min(-1).values + 1e-3)  # nearest, ties aside
         # lloyd returns the exact member means of the labels it returns
-        means, _ = clustering.cluster_means(
+        means, _ = kmeans_reference.cluster_means(
             pts.cpu(), labels[b * n : (b + 1) * n].t().long().cpu(), c, block_c.cpu()
         )
         assert torch.allclose(means, block_c.cpu(), atol=1e-4, rtol=1e-4)

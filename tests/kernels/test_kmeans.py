@@ -1,12 +1,11 @@
-"""Batched k-means kernels vs `mp_sglang.clustering` on ragged segments."""
+"""Batched k-means kernels vs `mp_sglang.method.clustering` on ragged segments."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mp_kernels import kmeans
-from mp_sglang import clustering
+from mp_kernels import kmeans, kmeans_reference
 
 HEADS, DIM = 3, 16
 
@@ -40,8 +39,8 @@ def test_assign_and_sums_match_clustering():
         dist = torch.cdist(pts.double(), cen.double()) ** 2
         chosen = dist.gather(-1, got.unsqueeze(-1)).squeeze(-1)
         assert torch.all(chosen <= dist.min(-1).values + 1e-4)  # nearest, ties aside
-        assert (got == clustering.assign(pts, cen)).float().mean() > 0.99
-        ref_sums, ref_totals = clustering.cluster_sums(pts, got, c, weights[p0 : p0 + n].t())
+        assert (got == kmeans_reference.assign(pts, cen)).float().mean() > 0.99
+        ref_sums, ref_totals = kmeans_reference.cluster_sums(pts, got, c, weights[p0 : p0 + n].t())
         assert torch.allclose(sums[c0 : c0 + c].transpose(0, 1), ref_sums, atol=1e-5, rtol=1e-5)
         assert torch.allclose(totals[c0 : c0 + c].t(), ref_totals, atol=1e-5, rtol=1e-5)
 
@@ -70,7 +69,7 @@ def test_lloyd_matches_clustering_lloyd():
     got_c, got_l = kmeans.lloyd(
         points, centroids, ps, npts, cs, ncl, 90, 4, [torch.Generator().manual_seed(5)], backend="triton"
     )
-    ref_c, ref_l = clustering.lloyd(
+    ref_c, ref_l = kmeans_reference.lloyd(
         points[:90].transpose(0, 1), centroids.transpose(0, 1), 4, torch.Generator().manual_seed(5)
     )
     assert torch.equal(got_l[:90].t().long(), ref_l)
@@ -79,7 +78,7 @@ def test_lloyd_matches_clustering_lloyd():
 
 def test_lloyd_reseeds_every_segment_as_clustering_does():
     """Two segments, each with an empty cluster, each with its own generator: the batched
-    re-seeding places each segment's clusters as `clustering.lloyd` does on that segment alone."""
+    re-seeding places each segment's clusters as `kmeans_reference.lloyd` does on that segment alone."""
     gen = torch.Generator().manual_seed(8)
     sizes = [(60, 12), (45, 9)]
     points, centroids, ps, npts, cs, ncl = _segments(sizes, gen)
@@ -89,7 +88,7 @@ def test_lloyd_reseeds_every_segment_as_clustering_does():
         backend="triton",
     )  # fmt: skip
     for seed, (n, c), p0, c0 in zip((1, 2), sizes, ps.tolist(), cs.tolist(), strict=True):
-        ref_c, ref_l = clustering.lloyd(
+        ref_c, ref_l = kmeans_reference.lloyd(
             points[p0 : p0 + n].transpose(0, 1),
             centroids[c0 : c0 + c].transpose(0, 1),
             4,
@@ -100,27 +99,25 @@ def test_lloyd_reseeds_every_segment_as_clustering_does():
 
 
 def test_reseed_points_are_distinct_and_in_range():
-    offsets = clustering.reseed_offsets(torch.Generator().manual_seed(0), 5, 3, 100)
-    points = clustering.reseed_points(offsets.unsqueeze(-1), torch.arange(7), 7, 100)
+    offsets = kmeans_reference.reseed_offsets(torch.Generator().manual_seed(0), 5, 3, 100)
+    points = kmeans_reference.reseed_points(offsets.unsqueeze(-1), torch.arange(7), 7, 100)
     assert points.shape == (4, 3, 7) and points.min() >= 0 and points.max() < 100
     assert all(len(set(row.tolist())) == 7 for row in points.flatten(0, 1))
 
 
 def test_reference_assign_through_the_kernel_matches_torch(generator):
-    """clustering.assign takes the Triton kernel on CUDA; here it runs in the interpreter on
+    """kmeans_reference.assign takes the Triton kernel on CUDA; here it runs in the interpreter on
     strided views, as the reference's blocks and windows are."""
-    from mp_sglang import clustering
-
     window = torch.randn(3, 150, 16, generator=generator)
     points = window[:, 7:140]  # a slice of a window: strided along the points
     centroids = torch.randn(3, 40, 16, generator=generator)
-    got = clustering.assign_by_kernel(points, centroids, backend="triton")
-    assert got.dtype == torch.long and torch.equal(got, clustering.assign(points, centroids))
-    assert clustering.assign_by_kernel(points[:, :0], centroids, backend="triton").shape == (3, 0)
+    got = kmeans_reference.assign_by_kernel(points, centroids, backend="triton")
+    assert got.dtype == torch.long and torch.equal(got, kmeans_reference.assign(points, centroids))
+    assert kmeans_reference.assign_by_kernel(points[:, :0], centroids, backend="triton").shape == (3, 0)
 
 
 def _small_cfg(levels: int):
-    from mp_sglang.config import MultipoleConfig
+    from mp_sglang.method.config import MultipoleConfig
 
     return MultipoleConfig(
         kmeans_block=96,
@@ -154,9 +151,9 @@ def test_batched_builds_and_folds_match_the_reference(levels, max_bytes):
 
     from clustered_data import clustered_kv
 
-    from mp_sglang.kmeans_tasks import drive
-    from mp_sglang.reference import build_index, build_index_steps, update_index, update_index_steps
-    from mp_sglang.rope import Rope
+    from mp_sglang.method.kmeans_tasks import drive
+    from mp_sglang.method.reference import build_index, build_index_steps, update_index, update_index_steps
+    from mp_sglang.method.rope import Rope
 
     cfg, rope = _small_cfg(levels), Rope.standard(DIM)
     gen = torch.Generator().manual_seed(3)
@@ -177,7 +174,7 @@ def test_batched_solver_clusters_points_in_the_given_dtype():
     from the same (bf16-exact) centroids: the solver rounds the points, not the starting point."""
     from dataclasses import replace
 
-    from mp_sglang.kmeans_tasks import random_init_task
+    from mp_sglang.method.kmeans_tasks import random_init_task
 
     gen = torch.Generator().manual_seed(4)
     points = torch.randn(HEADS, 64, DIM, generator=gen)
@@ -192,7 +189,7 @@ def test_batched_solver_clusters_points_in_the_given_dtype():
     )
     (want,) = kmeans.solve_batched([task()], backend="triton")
     assert torch.equal(got.labels, want.labels) and torch.equal(got.totals, want.totals)
-    means, _ = clustering.cluster_means(rounded, got.labels, 6, got.centroids)
+    means, _ = kmeans_reference.cluster_means(rounded, got.labels, 6, got.centroids)
     assert torch.allclose(got.centroids, means, atol=1e-5)
     assert got.value_means.shape == (HEADS, 6, 8)
 
@@ -205,9 +202,9 @@ def test_a_fold_may_hold_its_window_in_the_cache_dtype():
 
     from clustered_data import clustered_kv
 
-    from mp_sglang.kmeans_tasks import run
-    from mp_sglang.reference import build_index, update_windowless_index_steps, without_window
-    from mp_sglang.rope import Rope
+    from mp_sglang.method.kmeans_tasks import run
+    from mp_sglang.method.reference import build_index, update_windowless_index_steps, without_window
+    from mp_sglang.method.rope import Rope
 
     cfg, rope = _small_cfg(1), Rope.standard(DIM)
     keys, values = clustered_kv(HEADS, 300, DIM, 12, torch.Generator().manual_seed(6))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mp_kernels.rotary import rotate
-from mp_sglang.rope import Rope, rotate_pairs
+from mp_kernels.rotary import rotate, rotate_pairs
+from mp_sglang.method.rope import Rope
 
 
 @pytest.mark.parametrize("neox", [True, False])
