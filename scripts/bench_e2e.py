@@ -18,6 +18,14 @@ prompted with the prompt plus the first backend's output up to a position L and 
 greedy tokens; the first comes from prefill, the second from the backend's first decode step over
 that context (for multipole: an index built over it), and is compared with the first backend's
 token at L + 1. Prints a side-by-side table last and writes all numbers as JSON.
+
+The reasoning shape (a short prompt, a long output) is the same command with a small context and
+many new tokens, e.g. `--contexts 1024 --batches 8 32 --new-tokens 16384`. Decode speed then moves
+with the context as it grows, so every row also carries a curve per `--bucket-tokens` of context
+per request: from the client's streams (each request's time through the bucket, times the batch)
+and from the server's own log (its `Decode batch` lines, each the throughput of the last 40 decode
+steps, placed by the context per running request). A second table prints both curves as
+multipole / dense ratios per bucket.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shlex
 import statistics
 import sys
@@ -64,6 +73,8 @@ class Row:
     decode_tok_s: float
     itl_ms: float
     samples: int = 1
+    client_buckets: dict[int, float] = field(default_factory=dict)
+    server_buckets: dict[int, float] = field(default_factory=dict)
 
 
 def main() -> int:
@@ -99,8 +110,12 @@ def main() -> int:
             for context, batch in shapes:
                 samples = []
                 for _ in range(args.samples):
+                    log_start = log.stat().st_size
                     streams = _generate(base, prompts[(context, batch)], args.new_tokens)
-                    samples.append(_row(label, context, batch, args.new_tokens, args.warmup_tokens, streams))
+                    row = _row(label, context, batch, args.new_tokens, args.warmup_tokens, streams)
+                    row.client_buckets = client_buckets(streams, context, args.bucket_tokens)
+                    row.server_buckets = server_buckets(_read_from(log, log_start), batch, args.bucket_tokens)
+                    samples.append(row)
                 row = median_row(samples)
                 result["rows"].append(asdict(row))
                 result["samples"] += [asdict(sample) for sample in samples]
@@ -275,7 +290,54 @@ def median_row(samples: list[Row]) -> Row:
     first = samples[0]
     figures = ("ttft_s", "first_step_s", "decode_tok_s", "itl_ms")
     medians = {name: statistics.median(getattr(s, name) for s in samples) for name in figures}
-    return replace(first, **medians, samples=len(samples))
+    curves = {
+        name: {
+            bucket: round(statistics.median(c[bucket] for c in curves if bucket in c), 1)
+            for bucket in sorted({b for c in curves for b in c})
+        }
+        for name in ("client_buckets", "server_buckets")
+        for curves in [[getattr(s, name) for s in samples]]
+    }
+    return replace(first, **medians, **curves, samples=len(samples))
+
+
+def client_buckets(streams: list[Stream], prompt_tokens: int, bucket: int) -> dict[int, float]:
+    """Decode throughput (tokens/s over the batch) per context bucket, from the client's streams.
+
+    Bucket `k` holds contexts `[k * bucket, (k + 1) * bucket)` per request. Each request's time
+    through the part of the bucket it generated is measured from its stream; the batch's rate is
+    the batch size over the median request's time per token. A bucket the requests only partly
+    cover counts the tokens they made in it; one with fewer than 2 tokens is left out.
+    """
+    generated = min(s.arrivals[-1][1] for s in streams)
+    curve = {}
+    for k in range(prompt_tokens // bucket, (prompt_tokens + generated - 1) // bucket + 1):
+        first = max(k * bucket - prompt_tokens, 1)  # the first token is prefill's
+        last = min((k + 1) * bucket - prompt_tokens, generated)
+        if last - first < 2:
+            continue
+        spans = [_time_of(s, last) - _time_of(s, first) for s in streams]
+        per_token = statistics.median(spans) / (last - first)
+        curve[k * bucket] = round(len(streams) / max(per_token, 1e-9), 1)
+    return curve
+
+
+# sglang's scheduler logs every 40 decode steps: "Decode batch. #running-req: 8, #token: 12345,
+# ... gen throughput (token/s): 2112.34, ..."
+_DECODE_LOG = re.compile(
+    r"Decode batch.*?#running-req: (\d+), #token: (\d+),.*?gen throughput \(token/s\): ([\d.]+)"
+)
+
+
+def server_buckets(log_text: str, batch: int, bucket: int) -> dict[int, float]:
+    """Decode throughput per context bucket from the server's log: the mean of the windows whose
+    running requests (all `batch` of them; windows with fewer are the batch's ramp or tail) held a
+    context in the bucket, per request."""
+    windows: dict[int, list[float]] = {}
+    for running, tokens, rate in _DECODE_LOG.findall(log_text):
+        if int(running) == batch and float(rate) > 0:
+            windows.setdefault(int(tokens) // batch // bucket * bucket, []).append(float(rate))
+    return {start: round(statistics.mean(rates), 1) for start, rates in sorted(windows.items())}
 
 
 def _time_of(stream: Stream, tokens: int) -> float:
@@ -360,7 +422,38 @@ def _table(result: dict, names: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if result["agreement"]:
         lines.append(f"greedy agreement: {json.dumps(result['agreement'])}")
-    return "\n".join(lines)
+    return "\n".join(lines + bucket_table(result["rows"], names, label))
+
+
+def bucket_table(rows: list[dict], names: list[str], label: dict[str, str]) -> list[str]:
+    """Per context bucket, each backend's throughput over the first's: client curve / server-log
+    curve, for every context x batch whose rows span more than one bucket."""
+    by_key = {(r["backend"], r["context"], r["batch"]): r for r in rows}
+    lines = []
+    for context, batch in sorted({(r["context"], r["batch"]) for r in rows}):
+        base = by_key.get((names[0], context, batch))
+        if base is None or len(base["client_buckets"]) < 2:
+            continue
+        buckets = sorted(base["client_buckets"], key=int)
+        title = f"context {context} x {batch}: per-bucket tok/s over {label[names[0]]} (client / server log)"
+        lines += ["", title]
+        lines += ["| backend | " + " | ".join(f"{int(b) // 1024}K" for b in buckets) + " |"]
+        lines += ["|" + "---|" * (len(buckets) + 1)]
+        for name in names:
+            row = by_key.get((name, context, batch))
+            if row is None:
+                continue
+            cells = [_ratio(row, base, "client_buckets", b) + " / " + _ratio(row, base, "server_buckets", b)
+                     for b in buckets]  # fmt: skip
+            lines.append(f"| {label[name]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ratio(row: dict, base: dict, curve: str, bucket) -> str:
+    mine, theirs = row[curve].get(bucket), base[curve].get(bucket)
+    if row is base:
+        return f"{mine:.0f}" if mine else "-"
+    return f"{mine / theirs:.2f}" if mine and theirs else "-"
 
 
 # ---------------------------------------------------------------------- plumbing
@@ -394,6 +487,13 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _read_from(path: Path, offset: int) -> str:
+    """What the server has logged since `offset` (its log is appended to while it runs)."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
 def _dump(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str))
@@ -415,6 +515,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=160)
     ap.add_argument("--samples", type=int, default=1, help="runs of each context x batch; medians reported")
     ap.add_argument("--warmup-tokens", type=int, default=8)
+    ap.add_argument("--bucket-tokens", type=int, default=2048, help="context per request per curve bucket")
     ap.add_argument("--context-length", type=int, default=70_000)
     ap.add_argument("--mem-fraction", type=float, default=0.6)
     ap.add_argument("--agreement-prompt", type=Path, help="text file decoded greedily by every backend")

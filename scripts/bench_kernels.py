@@ -14,6 +14,12 @@ bytes each part must read; the copy bandwidth is measured in the same run. Error
 fp32 dense attention on the same inputs, for random keys (no cluster structure: the worst case)
 and for clustered keys (drawn around a few hundred centres per head). Prints the table last;
 writes all numbers as JSON.
+
+A server sizes every step for its longest possible row (`kernel_path.static_bounds`), not for the
+batch at hand. `--server-context N` also times each step as a server of N tokens runs it: the same
+index with the server's cluster and exact-token bounds, and, for contexts below `dense_below`, the
+row as that server attends it unindexed (every token exact through the same kernels). A second
+table compares both with FlashInfer.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from mp_kernels.centroid_replace import centroid_replace, merge_partials
 from mp_kernels.decode import default_splits, multipole_decode, replacement_splits
 from mp_kernels.layout import BatchIndex, LevelTensors, PagedKV
 from mp_kernels.sparse_decode import sparse_decode
+from mp_sglang.method.config import MultipoleConfig
+from mp_sglang.serving.kernel_path import static_bounds
 
 HQ, HKV, DIM, PAGE = 32, 8, 128, 16
 SINKS, RECENT, BLOCK, TPC = 10, 128, 8192, 16
@@ -44,6 +52,7 @@ KMEANS_ITERS, UPDATE_ITERS, UPDATE_BLOCK = 10, 3, 128
 LEVEL_RATIO, LEVEL_BUDGET_MULTIPLIER = 8, 4.0
 DT = torch.bfloat16
 CONTEXTS: list[int] = []
+SERVER_CONTEXT: list[int] = []  # --server-context, when given
 DEVICE = "cuda"  # --smoke-cpu switches to the CPU (torch references, host timers) to check the script
 
 
@@ -78,6 +87,7 @@ def main() -> None:
     result["copy_gbps"] = _copy_bandwidth()
     print(f"device {result['device']}; measured copy bandwidth {result['copy_gbps']:.0f} GB/s", flush=True)
     CONTEXTS[:] = args.contexts
+    SERVER_CONTEXT[:] = [args.server_context] if args.server_context else []
     configs = [(c, b) for c in args.contexts for b in args.batches]
     fi = {"status": "not run"} if args.smoke_cpu else _run_flashinfer_child(configs, args.flashinfer_timeout)
     result["flashinfer"] = fi.get("status", "ok")
@@ -103,6 +113,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05])
     p.add_argument("--flashinfer-timeout", type=int, default=180)
+    p.add_argument("--server-context", type=int, help="also time steps as a server of N tokens sizes them")
     p.add_argument("--flashinfer-child", default="")
     p.add_argument("--smoke-cpu", action="store_true", help="tiny run on the CPU to check the script")
     return p.parse_args()
@@ -396,6 +407,10 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
             scale = 1 / math.sqrt(DIM)
             t["scores"] = _time_graph(lambda: centroid_scores(q, level, None, scale))
             t["select"] = _time_graph(lambda: select_within_budget(found.logits[0], level, budget))
+        server_err = {}
+        if SERVER_CONTEXT:
+            server_ms, server_err = _server_sized(q, kv, index, ctx, frac, budget, max_exact)
+            t.update(server_ms)
         if frac == 0.02 and ctx == max(CONTEXTS) and batch in (1, 8):
             result["tiles"].append(_tile_variants(ctx, batch, q, kv, found, s_exact, t["sparse"]))
             result["tiles"].append(_replace_variants(ctx, batch, found, level, s_apx, t["replace"]))
@@ -425,6 +440,9 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
         }
         if fi_ms:
             row["dense_gbps"]["flashinfer"] = dense_bytes / fi_ms / 1e6
+        if server_err:
+            row["server_context"] = SERVER_CONTEXT[0]
+            row["server_err"] = server_err
         base = fi_ms or sdpa_ms
         row["speedup"] = base / t["total"]
         if dense_ref is not None:
@@ -437,6 +455,34 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _server_sized(q, kv, index, ctx, frac, budget, max_exact) -> tuple[dict, dict]:
+    """Step times with a server's static bounds (module doc), and how far each output is from the
+    tightly sized step's (indexed) or from fp32 dense attention (unindexed): the bounds must change
+    the cost, never the result beyond rounding."""
+    cfg = MultipoleConfig(token_budget=frac)
+    clusters, server_exact = static_bounds(cfg, SERVER_CONTEXT[0])
+    level = index.levels[0]
+    sized = dataclasses.replace(index, levels=(dataclasses.replace(level, max_clusters=clusters),))
+    step = lambda: multipole_decode(q, q, kv, sized, budget, server_exact)
+    tight = multipole_decode(q, q, kv, index, budget, max_exact).float()
+    times = {"total_server": _time_graph(step)}
+    errors = {"total_server": _rel_err(step().float(), tight)}
+    if ctx < cfg.dense_below:
+        none = torch.zeros_like(level.num_clusters)
+        empty = dataclasses.replace(level, num_clusters=none, max_clusters=clusters)
+        unindexed = dataclasses.replace(index, levels=(empty,), recent_start=index.sink_len)
+        nothing = torch.zeros_like(budget)
+        step = lambda: multipole_decode(q, q, kv, unindexed, nothing, server_exact)
+        times["unindexed_server"] = _time_graph(step)
+        kd, vd = (p.view(q.shape[0], ctx, HKV, DIM).transpose(1, 2) for p in (kv.k_buffer, kv.v_buffer))
+        errors["unindexed_server"] = _rel_err(step().float(), _dense_fp32(q, kd, vd))
+    return times, errors
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
 
 
 def _hierarchy_row(ctx, mode, k_pool, v_pool, q) -> dict:
@@ -651,6 +697,7 @@ def _print_table(result: dict) -> None:
             err,
         )
         print("| " + " | ".join(str(c) for c in cells) + " |")
+    _print_server_table(result)
     for r in result["hierarchy"]:
         print(
             f"hierarchy ctx={r['ctx']} {r['mode']} 2%: flat {r['L1_ms'] * 1e3:.1f}us err {r['L1_err']:.3f}; "
@@ -680,6 +727,35 @@ def _print_table(result: dict) -> None:
             f"tokens {b['update_ms']:.2f} ms vs {UPDATE_BLOCK} decode steps "
             f"({b['update_vs_128_steps']:.0%})"
         )
+
+
+def _print_server_table(result: dict) -> None:
+    rows = [r for r in result["rows"] if "server_context" in r]
+    if not rows:
+        return
+    print(
+        f"\nsteps sized as a server of {rows[0]['server_context']} tokens sizes them (us; x = FlashInfer's "
+        "time over ours; err vs the tight step, unindexed vs fp32 dense)"
+    )
+    head = ("ctx", "B", "budget", "FI", "tight", "server bounds", "x", "unindexed", "x", "err")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        ms, fi = r["ms"], r["flashinfer_ms"]
+        ratio = lambda key: f"{fi / ms[key]:.2f}x" if fi and key in ms else "-"  # noqa: E731
+        cells = (
+            r["ctx"],
+            r["batch"],
+            f"{r['budget']:.0%}",
+            f"{fi * 1e3:.1f}" if fi else "-",
+            f"{ms['total'] * 1e3:.1f}",
+            f"{ms['total_server'] * 1e3:.1f}",
+            ratio("total_server"),
+            f"{ms['unindexed_server'] * 1e3:.1f}" if "unindexed_server" in ms else "-",
+            ratio("unindexed_server"),
+            ", ".join(f"{v:.1e}" for v in r["server_err"].values()),
+        )
+        print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ kernel) are printed. The step that folds `update_block` new tokens into every in
 and profiled too, and one more is split into k-means (`solve`), buffer packing (`fill`) and the
 rest; the memory the index table holds per request after the builds is reported too. With
 `--compare-upkeep`, the first step and the fold are timed again on fresh indexes with the index
-k-means solved task by task (`kmeans_tasks.solve_each`) instead of batched, side by side.
+k-means solved task by task (`kmeans_reference.solve_each`) instead of batched, side by side.
+`--server-context N` sizes the decoder's static bounds as a server of N tokens does
+(`kernel_path.static_bounds`) instead of for this context.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def main() -> None:
             kv_pool,
             range(args.layers),
             pool_tokens=slots,
-            context_len=length,
+            context_len=args.server_context or length,
             table=IndexTable(args.batch),
             rope=Rope.standard(args.dim, 500000.0),
         )
@@ -239,6 +241,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=0.02)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=30, help="profiler table rows")
+    ap.add_argument("--server-context", type=int, help="size the static bounds as a server of N tokens")
     ap.add_argument("--compare-upkeep", action="store_true", help="also time index upkeep with solve_each")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (torch references)")
     ap.add_argument("--out", type=Path, default=Path("profile_decode_path.json"))

@@ -62,7 +62,6 @@ SERVE_SKIP = {
     "torchao": "torchao quantisation",
     "torchcodec": "video/audio decoding for multimodal inputs",
     "modelscope": "model downloads from ModelScope",
-    "datasets": "bench scripts",
     "py-spy": "profiling helpers",
     "smg-grpc-servicer": "gRPC entry point",
     "checkpoint-engine": "weight-update service",
@@ -77,8 +76,8 @@ SERVE_SKIP = {
 }
 
 
-# Imported unconditionally on the serving path but not declared by sglang 0.5.17, which gets them only
-# through a dependency the serve profile leaves out (dill comes with datasets; sampling imports it).
+# Imported unconditionally on the serving path but not declared by sglang 0.5.17, which gets it only
+# through datasets (sampling imports dill).
 UNDECLARED = ("dill",)
 
 

@@ -64,6 +64,26 @@ class MethodRow:
     indexed: bool = True
 
 
+def static_bounds(cfg: MultipoleConfig, context_len: int) -> tuple[int, int]:
+    """(clusters, exact tokens) a row of a server of `context_len` tokens may need at most: what
+    every decode step's grids and workspaces are sized for, whatever the batch's contexts, so that
+    one CUDA graph per batch size serves them all.
+
+    Sinks and the recent window are never clustered; the cluster bound sizes the selection's lanes
+    (a power of two): at context lengths of 2^k it keeps them at 2^k / 16. Exact tokens: everything
+    below dense_below, else sinks + selected clusters (<= the budget) + a recent window that grows
+    to just under recent_window + update_block.
+    """
+    clusters = max_clusters(
+        context_len - cfg.sink_tokens - cfg.recent_window, cfg.tokens_per_cluster, cfg.kmeans_block
+    )
+    exact = max(
+        cfg.dense_below,
+        cfg.sink_tokens + cfg.budget_tokens(context_len) + cfg.recent_window + cfg.update_block,
+    )
+    return clusters, exact
+
+
 class _Staging:
     """Pinned host buffers for the per-pass metadata, two in turn.
 
@@ -126,6 +146,7 @@ class KernelDecoder:
         self.cluster_dtype = keys.dtype
         self.solve: Solver = self._solve_batched  # how index k-means runs (a benchmark may swap it)
         rows = req_to_token.shape[0]
+        bound_clusters, self.max_exact = static_bounds(cfg, context_len)
         self.capacity = IndexCapacity(
             rows=rows,
             # clusters_for() rounds up by at most one cluster per k-means block (>= kmeans_block / 2
@@ -135,11 +156,7 @@ class KernelDecoder:
             )
             + 2 * rows,
             member_rows=math.ceil(cfg.index_capacity * pool_tokens) + 1,
-            # Sinks and the recent window are never clustered. The bound sizes the selection's
-            # lanes (a power of two): at context lengths of 2^k it keeps them at 2^k / 16.
-            max_clusters=max_clusters(
-                context_len - cfg.sink_tokens - cfg.recent_window, cfg.tokens_per_cluster, cfg.kmeans_block
-            ),
+            max_clusters=bound_clusters,
         )
         heads, dim = keys.shape[1], keys.shape[2]
         self.buffers = IndexBuffers(self.capacity, len(layer_ids), heads, dim, keys.dtype, self.device)
@@ -147,12 +164,6 @@ class KernelDecoder:
         # keys and values, about twice over; requests fold in groups of ~2 GiB of such copies.
         self._fold_group_tokens = max(1, (2 << 30) // (len(layer_ids) * heads * dim * 16))
         self.index_bytes = len(layer_ids) * self.capacity.nbytes(heads, dim, keys.dtype)
-        # Exact tokens of a row: everything below dense_below, else sinks + selected clusters (<= the
-        # budget) + a recent window that grows to just under recent_window + update_block.
-        self.max_exact = max(
-            cfg.dense_below,
-            cfg.sink_tokens + cfg.budget_tokens(context_len) + cfg.recent_window + cfg.update_block,
-        )
         # Per-pass metadata: query row, request row, length, sink length, budget; and cos/sin.
         self.ints = torch.zeros(5, rows, dtype=torch.int32, device=self.device)
         self.rotation = torch.zeros(2, rows, dim // 2, dtype=torch.float32, device=self.device)

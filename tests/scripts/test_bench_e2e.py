@@ -59,3 +59,51 @@ def test_table_labels_drop_what_every_backend_shares():
     tp = ["flashinfer --tp 2 --x 1", "multipole --tp 2 --x 2"]
     assert bench_e2e.short_labels(tp) == ["flashinfer --x 1", "multipole --x 2"]
     assert bench_e2e.short_labels(["multipole", "multipole"]) == ["multipole", "multipole"]  # no label left
+
+
+def _lockstep_streams(batch: int, tokens: int, seconds_per_token) -> list[bench_e2e.Stream]:
+    """Streams of `batch` requests that produce one token per chunk, token n after
+    `seconds_per_token(n)` more seconds (the first token arrives at 0: prefill)."""
+    times, now = [], 0.0
+    for n in range(1, tokens + 1):
+        now += seconds_per_token(n) if n > 1 else 0.0
+        times.append(now)
+    arrivals = [(t, n + 1) for n, t in enumerate(times)]
+    return [bench_e2e.Stream(sent=-1.0, arrivals=list(arrivals)) for _ in range(batch)]
+
+
+def test_client_buckets_follow_the_context_per_request():
+    # 1K prompt, 5K new tokens in buckets of 2K context: 1 ms a token below 2K context, 2 ms after.
+    streams = _lockstep_streams(8, 5 * 1024, lambda n: 0.001 if 1024 + n <= 2048 else 0.002)
+    curve = bench_e2e.client_buckets(streams, 1024, 2048)
+    assert list(curve) == [0, 2048, 4096]
+    assert curve[0] == 8000.0 and curve[2048] == 4000.0 and curve[4096] == 4000.0
+
+
+def test_server_buckets_read_sglang_decode_lines_of_the_full_batch():
+    log = "\n".join(
+        [
+            "[2026-12-03 10:00:00] Decode batch. #running-req: 8, #token: 12000, token usage: 0.01, "
+            "cuda graph: True, gen throughput (token/s): 2000.00, #queue-req: 0,",
+            "[2026-12-03 10:00:01] Decode batch. #running-req: 8, #token: 14000, token usage: 0.01, "
+            "cuda graph: True, gen throughput (token/s): 2200.00, #queue-req: 0,",
+            "[2026-12-03 10:00:02] Decode batch. #running-req: 8, #token: 40000, token usage: 0.02, "
+            "cuda graph: True, gen throughput (token/s): 1800.50, #queue-req: 0,",
+            "[2026-12-03 10:00:03] Decode batch. #running-req: 3, #token: 15000, token usage: 0.01, "
+            "cuda graph: True, gen throughput (token/s): 900.00, #queue-req: 0,",  # the tail: left out
+            "[2026-12-03 10:00:04] Prefill batch, #new-seq: 8, #new-token: 8192, #cached-token: 0,",
+        ]
+    )
+    assert bench_e2e.server_buckets(log, 8, 2048) == {0: 2100.0, 4096: 1800.5}
+
+
+def test_bucket_table_shows_each_backend_over_the_first():
+    def row(name, client, server):
+        curves = {"client_buckets": client, "server_buckets": server}
+        return {"backend": name, "context": 1024, "batch": 8, **curves}
+
+    rows = [row("fi", {0: 2000.0, 2048: 1000.0}, {0: 2100.0})]
+    rows.append(row("mp", {0: 1500.0, 2048: 1500.0}, {0: 1500.0}))
+    lines = bench_e2e.bucket_table(rows, ["fi", "mp"], {"fi": "fi", "mp": "mp"})
+    assert lines[-2:] == ["| fi | 2000 / 2100 | 1000 / - |", "| mp | 0.75 / 0.71 | 1.50 / - |"]
+    assert "| backend | 0K | 2K |" in lines
