@@ -8,6 +8,14 @@ Three launches per decode step (one more pair per extra hierarchy level), none n
    over the group) and the budgeted prefix of clusters in descending importance.
 3. `expand_selection`: the exact token list, sinks + members of selected clusters + recent window.
 
+Sizes: a server sizes every step for its longest possible request (`max_clusters`, a static bound
+so that one CUDA graph serves any batch), but the work follows each request's own clusters. Score
+tiles past a request's clusters exit at once (their logits are left unwritten: every reader stops at
+`num_clusters`), and the selection runs as a few launches of growing lane widths
+(`SELECT_WIDTHS`, then the bound), each taking the requests whose clusters fit it and not the one
+before: a request of 2K tokens is selected over 256 lanes, not over the 8K lanes that a 128K
+context needs. One selection is a chain of block-wide reductions whose length follows the lanes.
+
 Selection without a sort: with positive sizes, the prefix "descending importance while cumulative
 size <= budget" is exactly the clusters whose key exceeds a threshold, plus a prefix (by cluster id)
 of those whose key equals it. The key is the top 16 bits of the importance's fp32 bit pattern
@@ -34,8 +42,9 @@ class Lookup:
     """What the lookup hands to the sparse and replacement kernels.
 
     token_pos `[B, H, max_exact]` int32 / token_len `[B, H]` int32: exact token list (entries past
-    token_len are 0). logits `[B, Hq, C_l]` fp32 and selected `[B, H, C_l]` int8, per level
+    token_len are unspecified). logits `[B, Hq, C_l]` fp32 and selected `[B, H, C_l]` int8, per level
     (fine → coarse): candidates have finite logits; candidates not selected are approximated.
+    Entries past a request's `num_clusters` are unspecified.
     """
 
     token_pos: torch.Tensor
@@ -117,7 +126,8 @@ def centroid_scores(
     scale: float,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Logits `q·Kc * scale + log N` `[B, Hq, max_clusters]`; -inf for non-candidates.
+    """Logits `q·Kc * scale + log N` `[B, Hq, max_clusters]`; -inf for non-candidates, and left
+    unwritten past each request's `num_clusters` by the kernel (module doc).
 
     A candidate is a non-empty cluster whose parent (if the level has parents) is selected in
     `parent_selected [B, H, C_parent]`.
@@ -232,6 +242,8 @@ def _scores_kernel(
     b = pid // H
     h = pid % H
     n = tl.load(num_clusters + b)
+    if tl.program_id(1) * BLOCK_C >= n:
+        return  # past this request's clusters: nothing reads these logits
     row0 = tl.load(cluster_start + b).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     valid = c < n
@@ -264,13 +276,21 @@ def _scores_kernel(
     )
 
 
+# Lane widths of the selection's narrower launches (module doc): 256 lanes hold the clusters of a
+# 4K-token request, 2048 of a 32K one.
+SELECT_WIDTHS = (256, 2048)
+
+
 # --------------------------------------------------------------------------- selection
 
 
 def select_within_budget(
     logits: torch.Tensor, level: LevelTensors, budget: torch.Tensor, backend: str | None = None
 ) -> Selection:
-    """Budgeted selection of one level from its logits (see the module doc for the method)."""
+    """Budgeted selection of one level from its logits (see the module doc for the method).
+
+    Lanes past a request's `num_clusters` of `selected`, `sel_ids` and `sel_cum` are left unwritten.
+    """
     batch, num_q_heads, max_c = logits.shape
     heads = level.counts.shape[1]
     dev = logits.device
@@ -283,31 +303,36 @@ def select_within_budget(
     if not use_triton(logits, backend):
         _select_reference(logits, level, budget, out)
         return out
-    block_c = next_power_of_2(max_c)
-    _select_kernel[(batch * heads,)](
-        logits,
-        level.counts,
-        level.cluster_start,
-        budget,
-        selected,
-        sel_ids,
-        sel_cum,
-        num_sel,
-        sel_tokens,
-        heads,
-        num_q_heads // heads,
-        max_c,
-        logits.stride(0),
-        logits.stride(1),
-        level.counts.stride(0),
-        level.counts.stride(1),
-        selected.stride(0),
-        selected.stride(1),
-        BLOCK_C=block_c,
-        G_PAD=next_power_of_2(num_q_heads // heads),
-        ROW_BY_ROW=block_c * next_power_of_2(num_q_heads // heads) > 16384,
-        num_warps=max(4, min(16, block_c // 256)),
-    )
+    lanes = next_power_of_2(max_c)
+    group_pad = next_power_of_2(num_q_heads // heads)
+    fewer = -1  # the launch takes requests of more clusters than this, up to its width
+    for width in [w for w in SELECT_WIDTHS if w < lanes] + [lanes]:
+        _select_kernel[(batch * heads,)](
+            logits,
+            level.counts,
+            level.cluster_start,
+            level.num_clusters,
+            budget,
+            selected,
+            sel_ids,
+            sel_cum,
+            num_sel,
+            sel_tokens,
+            heads,
+            num_q_heads // heads,
+            fewer,
+            logits.stride(0),
+            logits.stride(1),
+            level.counts.stride(0),
+            level.counts.stride(1),
+            selected.stride(0),
+            selected.stride(1),
+            BLOCK_C=width,
+            G_PAD=group_pad,
+            ROW_BY_ROW=width * group_pad > 16384,
+            num_warps=max(4, min(16, width // 256)),
+        )
+        fewer = width
     return out
 
 
@@ -349,6 +374,7 @@ def _select_kernel(
     logits,
     counts,
     cluster_start,
+    num_clusters,
     budget,
     selected,
     sel_ids,
@@ -357,7 +383,7 @@ def _select_kernel(
     sel_tokens,
     H,
     G,
-    max_c,
+    fewer,
     stride_lb,
     stride_lh,
     stride_nr,
@@ -375,8 +401,11 @@ def _select_kernel(
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
+    n = tl.load(num_clusters + b)
+    if (n <= fewer) | (n > BLOCK_C):
+        return  # another launch's request (module doc)
     c = tl.arange(0, BLOCK_C)
-    in_range = c < max_c
+    in_range = c < n
     base = logits + b * stride_lb + h * G * stride_lh
     if ROW_BY_ROW:
         importance = tl.zeros([BLOCK_C], tl.float32)
@@ -435,7 +464,8 @@ def _select_kernel(
 def expand_selection(
     selection: Selection, index: BatchIndex, max_exact: int, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact token list `[B, H, max_exact]`: sinks, members of selected clusters, recent window."""
+    """Exact token list `[B, H, max_exact]`: sinks, members of selected clusters, recent window.
+    The kernel leaves tiles wholly past a list's length unwritten (`max_exact` is a server's bound)."""
     batch, heads, max_c = selection.selected.shape
     dev = selection.selected.device
     token_pos = torch.empty(batch, heads, max_exact, dtype=torch.int32, device=dev)
@@ -541,6 +571,8 @@ def _expand_kernel(
     n_sink = tl.load(sink_len + b)
     recent = tl.load(recent_start + b)
     total = n_sink + sel_len + tl.maximum(tl.load(seq_lens + b) - recent, 0)
+    if (tile > 0) & (tile * BLOCK >= total):
+        return  # past this list: nothing reads it
     k = j - n_sink
     in_sel = (k >= 0) & (k < sel_len)
 
