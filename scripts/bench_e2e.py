@@ -322,7 +322,7 @@ def client_buckets(streams: list[Stream], prompt_tokens: int, bucket: int) -> di
     return curve
 
 
-# sglang's scheduler logs every 40 decode steps: "Decode batch. #running-req: 8, #token: 12345,
+# sglang's scheduler logs every 40 decode steps (0.5.17): "Decode batch, #running-req: 8, #token: 12345,
 # ... gen throughput (token/s): 2112.34, ..."
 _DECODE_LOG = re.compile(
     r"Decode batch.*?#running-req: (\d+), #token: (\d+),.*?gen throughput \(token/s\): ([\d.]+)"

@@ -83,13 +83,13 @@ def test_client_buckets_follow_the_context_per_request():
 def test_server_buckets_read_sglang_decode_lines_of_the_full_batch():
     log = "\n".join(
         [
-            "[2026-12-03 10:00:00] Decode batch. #running-req: 8, #token: 12000, token usage: 0.01, "
+            "[2026-12-03 10:00:00] Decode batch, #running-req: 8, #token: 12000, token usage: 0.01, "
             "cuda graph: True, gen throughput (token/s): 2000.00, #queue-req: 0,",
-            "[2026-12-03 10:00:01] Decode batch. #running-req: 8, #token: 14000, token usage: 0.01, "
+            "[2026-12-03 10:00:01] Decode batch, #running-req: 8, #token: 14000, token usage: 0.01, "
             "cuda graph: True, gen throughput (token/s): 2200.00, #queue-req: 0,",
-            "[2026-12-03 10:00:02] Decode batch. #running-req: 8, #token: 40000, token usage: 0.02, "
+            "[2026-12-03 10:00:02] Decode batch, #running-req: 8, #token: 40000, token usage: 0.02, "
             "cuda graph: True, gen throughput (token/s): 1800.50, #queue-req: 0,",
-            "[2026-12-03 10:00:03] Decode batch. #running-req: 3, #token: 15000, token usage: 0.01, "
+            "[2026-12-03 10:00:03] Decode batch, #running-req: 3, #token: 15000, token usage: 0.01, "
             "cuda graph: True, gen throughput (token/s): 900.00, #queue-req: 0,",  # the tail: left out
             "[2026-12-03 10:00:04] Prefill batch, #new-seq: 8, #new-token: 8192, #cached-token: 0,",
         ]
