@@ -199,15 +199,16 @@ def kernel_timeline(events: list[dict]) -> list[dict]:
     ]
 
 
-def _timeline_line(ctx: int, batch: int, kernels: list[dict]) -> str:
+def _timeline_line(ctx: int, batch: int, kernels: list[dict], variant: str = "") -> str:
+    head = f"timeline ctx={ctx} B={batch} 2%" + (f" ({variant})" if variant else "")
     if not kernels:
-        return f"timeline ctx={ctx} B={batch} 2%: no kernels traced"
+        return f"{head}: no kernels traced"
     span = max(k["start_us"] + k["dur_us"] for k in kernels)
     parts = "; ".join(
         f"{k['name'].strip('_').removesuffix('_kernel')} {k['start_us']:.1f}+{k['dur_us']:.1f} s{k['stream']}"
         for k in kernels
     )
-    return f"timeline ctx={ctx} B={batch} 2%: span {span:.1f} us; {parts}"
+    return f"{head}: span {span:.1f} us; {parts}"
 
 
 def _host_median_ms(fn, reps: int = 5) -> float:
@@ -409,8 +410,13 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
             t["select"] = _time_graph(lambda: select_within_budget(found.logits[0], level, budget))
         server_err = {}
         if SERVER_CONTEXT:
-            server_ms, server_err = _server_sized(q, kv, index, ctx, frac, budget, max_exact)
+            server_ms, server_err, steps = _server_sized(q, kv, index, ctx, frac, budget, max_exact)
             t.update(server_ms)
+            for variant, step in steps.items():
+                timeline = _step_timeline(step)
+                entry = {"ctx": ctx, "batch": batch, "variant": variant, "kernels": timeline}
+                result["timeline"].append(entry)
+                print(_timeline_line(ctx, batch, timeline, variant), flush=True)
         if frac == 0.02 and ctx == max(CONTEXTS) and batch in (1, 8):
             result["tiles"].append(_tile_variants(ctx, batch, q, kv, found, s_exact, t["sparse"]))
             result["tiles"].append(_replace_variants(ctx, batch, found, level, s_apx, t["replace"]))
@@ -457,10 +463,11 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
     return rows
 
 
-def _server_sized(q, kv, index, ctx, frac, budget, max_exact) -> tuple[dict, dict]:
+def _server_sized(q, kv, index, ctx, frac, budget, max_exact) -> tuple[dict, dict, dict]:
     """Step times with a server's static bounds (module doc), and how far each output is from the
     tightly sized step's (indexed) or from fp32 dense attention (unindexed): the bounds must change
-    the cost, never the result beyond rounding."""
+    the cost, never the result beyond rounding. Also the steps themselves, for a kernel timeline
+    at 2 % on the GPU."""
     cfg = MultipoleConfig(token_budget=frac)
     clusters, server_exact = static_bounds(cfg, SERVER_CONTEXT[0])
     level = index.levels[0]
@@ -469,6 +476,7 @@ def _server_sized(q, kv, index, ctx, frac, budget, max_exact) -> tuple[dict, dic
     tight = multipole_decode(q, q, kv, index, budget, max_exact).float()
     times = {"total_server": _time_graph(step)}
     errors = {"total_server": _rel_err(step().float(), tight)}
+    steps = {"server bounds": step}
     if ctx < cfg.dense_below:
         none = torch.zeros_like(level.num_clusters)
         empty = dataclasses.replace(level, num_clusters=none, max_clusters=clusters)
@@ -478,7 +486,10 @@ def _server_sized(q, kv, index, ctx, frac, budget, max_exact) -> tuple[dict, dic
         times["unindexed_server"] = _time_graph(step)
         kd, vd = (p.view(q.shape[0], ctx, HKV, DIM).transpose(1, 2) for p in (kv.k_buffer, kv.v_buffer))
         errors["unindexed_server"] = _rel_err(step().float(), _dense_fp32(q, kd, vd))
-    return times, errors
+        steps["unindexed"] = step
+    if frac != 0.02 or DEVICE != "cuda":
+        steps = {}
+    return times, errors, steps
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -704,7 +715,7 @@ def _print_table(result: dict) -> None:
             f"two levels {r['L2_ms'] * 1e3:.1f}us err {r['L2_err']:.3f}"
         )
     for r in result["timeline"]:
-        print(_timeline_line(r["ctx"], r["batch"], r["kernels"]))
+        print(_timeline_line(r["ctx"], r["batch"], r["kernels"], r.get("variant", "")))
     for r in result["tiles"]:
         print(
             f"{r.get('kernel', 'sparse')} tile shapes ctx={r['ctx']} B={r['batch']} (now {r['current']}): "

@@ -31,3 +31,5 @@ def test_timeline_is_the_last_replay_after_its_flush():
     line = bench_kernels._timeline_line(32768, 1, timeline)
     assert line.startswith("timeline ctx=32768 B=1 2%: span 23.0 us; scores 0.0+5.5 s7; replace 10.0+7.0 s9")
     assert bench_kernels.kernel_timeline([_kernel("_scores_kernel", 0.0, 1.0, 7)]) == []
+    labelled = bench_kernels._timeline_line(2048, 8, timeline, "unindexed")
+    assert labelled.startswith("timeline ctx=2048 B=8 2% (unindexed): span 23.0 us")
