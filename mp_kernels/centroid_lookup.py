@@ -6,15 +6,18 @@ Three launches per decode step (one more pair per extra hierarchy level), none n
    (grid over requests × KV heads × centroid tiles, so the centroid bytes stream at full width).
 2. `select_within_budget`: per (request, KV head), GQA importance (softmax per query head, mean
    over the group) and the budgeted prefix of clusters in descending importance.
-3. `expand_selection`: the exact token list, sinks + members of selected clusters + recent window.
+3. `expand_selection`: the members of the selected clusters, the listed part of the exact tokens.
 
 Sizes: a server sizes every step for its longest possible request (`max_clusters`, a static bound
-so that one CUDA graph serves any batch), but the work follows each request's own clusters. Score
-tiles past a request's clusters exit at once (their logits are left unwritten: every reader stops at
-`num_clusters`), and the selection runs as a few launches of growing lane widths
-(`SELECT_WIDTHS`, then the bound), each taking the requests whose clusters fit it and not the one
-before: a request of 2K tokens is selected over 256 lanes, not over the 8K lanes that a 128K
-context needs. One selection is a chain of block-wide reductions whose length follows the lanes.
+so that one CUDA graph serves any batch), but the work follows each request's own clusters. A few
+score programs per (request, head) loop over that request's tiles (`programs_per_row`), leaving
+logits past its clusters unwritten (every reader stops at `num_clusters`); the selection runs as
+a few launches of growing lane widths (`SELECT_WIDTHS`, then the bound), each taking the requests
+whose clusters fit it and not the one before: a request of 2K tokens is selected over 256 lanes,
+not over the 8K lanes that a 128K context needs (one selection is a chain of block-wide
+reductions whose length follows the lanes); a request with no clusters is done at once. The
+expansion lists only the chosen clusters' members (`layout.ExactTokens`): the sinks and the
+recent window are ranges, so a row with no clusters costs it nothing.
 
 Selection without a sort: with positive sizes, the prefix "descending importance while cumulative
 size <= budget" is exactly the clusters whose key exceeds a threshold, plus a prefix (by cluster id)
@@ -33,22 +36,20 @@ import torch
 import triton
 import triton.language as tl
 
-from mp_kernels.dispatch import exact_dots, next_power_of_2, use_triton
-from mp_kernels.layout import BatchIndex, LevelTensors
+from mp_kernels.dispatch import exact_dots, next_power_of_2, programs_per_row, use_triton
+from mp_kernels.layout import BatchIndex, ExactTokens, LevelTensors
 
 
 @dataclass(frozen=True)
 class Lookup:
     """What the lookup hands to the sparse and replacement kernels.
 
-    token_pos `[B, H, max_exact]` int32 / token_len `[B, H]` int32: exact token list (entries past
-    token_len are unspecified). logits `[B, Hq, C_l]` fp32 and selected `[B, H, C_l]` int8, per level
-    (fine → coarse): candidates have finite logits; candidates not selected are approximated.
-    Entries past a request's `num_clusters` are unspecified.
+    exact: the tokens attended exactly. logits `[B, Hq, C_l]` fp32 and selected `[B, H, C_l]` int8,
+    per level (fine → coarse): candidates have finite logits; candidates not selected are
+    approximated. Entries past a request's `num_clusters` are unspecified.
     """
 
-    token_pos: torch.Tensor
-    token_len: torch.Tensor
+    exact: ExactTokens
     logits: tuple[torch.Tensor, ...]
     selected: tuple[torch.Tensor, ...]
 
@@ -86,8 +87,8 @@ def lookup(
     least sink_len + budget + recent window of every request.
     """
     logits, selections = select_levels(q_lookup, index, budget, level_budget_multiplier, sm_scale, backend)
-    token_pos, token_len = expand_selection(selections[0], index, max_exact, backend)
-    return Lookup(token_pos, token_len, logits, tuple(s.selected for s in selections))
+    exact = expand_selection(selections[0], index, max_exact, backend)
+    return Lookup(exact, logits, tuple(s.selected for s in selections))
 
 
 def select_levels(
@@ -143,8 +144,8 @@ def centroid_scores(
     parent = level.parent if has_parent else level.counts
     psel = parent_selected if has_parent else logits
     block_c = 64
-    grid = (batch * heads, triton.cdiv(level.max_clusters, block_c))
-    _scores_kernel[grid](
+    programs = programs_per_row(batch * heads, triton.cdiv(level.max_clusters, block_c))
+    _scores_kernel[(batch * heads, programs)](
         q,
         level.centroids,
         level.counts,
@@ -157,6 +158,7 @@ def centroid_scores(
         heads,
         group,
         level.max_clusters,
+        programs,
         q.stride(0),
         q.stride(1),
         level.centroids.stride(0),
@@ -220,6 +222,7 @@ def _scores_kernel(
     H,
     G,
     max_c,
+    programs,
     stride_qb,
     stride_qh,
     stride_cr,
@@ -238,42 +241,47 @@ def _scores_kernel(
     BLOCK_C: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    # A few programs per (request, head), each taking every `programs`-th tile of the request's
+    # own clusters: logits past them are left unwritten (nothing reads them).
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
     n = tl.load(num_clusters + b)
     if tl.program_id(1) * BLOCK_C >= n:
-        return  # past this request's clusters: nothing reads these logits
+        return
     row0 = tl.load(cluster_start + b).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    valid = c < n
-    rows = row0 + c
-    cnt = tl.load(counts + rows * stride_nr + h * stride_nh, mask=valid, other=0)
-    eligible = valid & (cnt > 0)
-    if HAS_PARENT:
-        par = tl.load(parent + rows * stride_pr + h * stride_ph, mask=eligible, other=0)
-        psel = tl.load(parent_sel + b * stride_psb + h * stride_psh + par, mask=eligible, other=0)
-        eligible = eligible & (psel != 0)
     d = tl.arange(0, D)
-    keys = tl.load(
-        centroids + rows[:, None] * stride_cr + h * stride_ch + d[None, :], mask=eligible[:, None], other=0.0
-    )
     g = tl.arange(0, G_PAD)
     g_mask = g < G
     qv = tl.load(
         q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0
     )
-    if IEEE:
-        score = tl.dot(qv.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
-    else:
-        score = tl.dot(qv.to(keys.dtype), tl.trans(keys))
-    lg = score * scale + tl.log(tl.maximum(cnt, 1).to(tl.float32))[None, :]
-    lg = tl.where(eligible[None, :], lg, float("-inf"))
-    tl.store(
-        logits + b * stride_lb + (h * G + g)[:, None] * stride_lh + c[None, :],
-        lg,
-        mask=g_mask[:, None] & (c < max_c)[None, :],
-    )
+    for tile in range(tl.program_id(1), tl.cdiv(n, BLOCK_C), programs):
+        c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid = c < n
+        rows = row0 + c
+        cnt = tl.load(counts + rows * stride_nr + h * stride_nh, mask=valid, other=0)
+        eligible = valid & (cnt > 0)
+        if HAS_PARENT:
+            par = tl.load(parent + rows * stride_pr + h * stride_ph, mask=eligible, other=0)
+            psel = tl.load(parent_sel + b * stride_psb + h * stride_psh + par, mask=eligible, other=0)
+            eligible = eligible & (psel != 0)
+        keys = tl.load(
+            centroids + rows[:, None] * stride_cr + h * stride_ch + d[None, :],
+            mask=eligible[:, None],
+            other=0.0,
+        )
+        if IEEE:
+            score = tl.dot(qv.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
+        else:
+            score = tl.dot(qv.to(keys.dtype), tl.trans(keys))
+        lg = score * scale + tl.log(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+        lg = tl.where(eligible[None, :], lg, float("-inf"))
+        tl.store(
+            logits + b * stride_lb + (h * G + g)[:, None] * stride_lh + c[None, :],
+            lg,
+            mask=g_mask[:, None] & (c < max_c)[None, :],
+        )
 
 
 # Lane widths of the selection's narrower launches (module doc): 256 lanes hold the clusters of a
@@ -404,6 +412,10 @@ def _select_kernel(
     n = tl.load(num_clusters + b)
     if (n <= fewer) | (n > BLOCK_C):
         return  # another launch's request (module doc)
+    if n == 0:  # nothing to select (the first launch's)
+        tl.store(num_sel + pid, 0)
+        tl.store(sel_tokens + pid, 0)
+        return
     c = tl.arange(0, BLOCK_C)
     in_range = c < n
     base = logits + b * stride_lb + h * G * stride_lh
@@ -463,19 +475,23 @@ def _select_kernel(
 
 def expand_selection(
     selection: Selection, index: BatchIndex, max_exact: int, backend: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact token list `[B, H, max_exact]`: sinks, members of selected clusters, recent window.
-    The kernel leaves tiles wholly past a list's length unwritten (`max_exact` is a server's bound)."""
+) -> ExactTokens:
+    """The exact tokens of a batch: sinks, members of the selected clusters, recent window, cut at
+    `max_exact` (a server's bound). Only the members are listed (`ExactTokens`), by a few programs
+    per (request, head) looping over the request's own tiles of the list."""
     batch, heads, max_c = selection.selected.shape
     dev = selection.selected.device
-    token_pos = torch.empty(batch, heads, max_exact, dtype=torch.int32, device=dev)
-    token_len = torch.empty(batch, heads, dtype=torch.int32, device=dev)
+    chosen = torch.empty(batch, heads, max_exact, dtype=torch.int32, device=dev)
+    exact = ExactTokens(
+        index.sink_len, chosen, selection.sel_tokens, index.recent_start, index.seq_lens, max_exact
+    )
     if not use_triton(selection.selected, backend):
-        _expand_reference(selection, index, token_pos, token_len)
-        return token_pos, token_len
+        _expand_reference(selection, index, chosen)
+        return exact
     level = index.levels[0]
     block = 256
-    _expand_kernel[(batch * heads, triton.cdiv(max_exact, block))](
+    programs = programs_per_row(batch * heads, triton.cdiv(max_exact, block))
+    _expand_kernel[(batch * heads, programs)](
         selection.sel_ids,
         selection.sel_cum,
         selection.num_sel,
@@ -484,13 +500,10 @@ def expand_selection(
         level.cluster_start,
         index.member_start,
         index.members,
-        index.sink_len,
-        index.recent_start,
-        index.seq_lens,
-        token_pos,
-        token_len,
+        chosen,
         heads,
         max_exact,
+        programs,
         selection.sel_ids.stride(0),
         selection.sel_ids.stride(1),
         level.counts.stride(0),
@@ -499,36 +512,29 @@ def expand_selection(
         index.member_start.stride(1),
         index.members.stride(0),
         index.members.stride(1),
-        token_pos.stride(0),
-        token_pos.stride(1),
+        chosen.stride(0),
+        chosen.stride(1),
         BLOCK=block,
         SEARCH_STEPS=max_c.bit_length() + 1,
         num_warps=4,
     )
-    return token_pos, token_len
+    return exact
 
 
-def _expand_reference(
-    selection: Selection, index: BatchIndex, token_pos: torch.Tensor, token_len: torch.Tensor
-) -> None:
+def _expand_reference(selection: Selection, index: BatchIndex, chosen: torch.Tensor) -> None:
     level = index.levels[0]
     batch, heads, _ = selection.selected.shape
-    cap = token_pos.shape[-1]
-    token_pos.zero_()
+    cap = chosen.shape[-1]
+    chosen.zero_()
     for b in range(batch):
-        sink = torch.arange(int(index.sink_len[b]))
-        recent_start = int(index.recent_start[b])
-        recent = torch.arange(recent_start, max(int(index.seq_lens[b]), recent_start))
         for h in range(heads):
-            parts = [sink]
+            parts = [torch.zeros(0, dtype=torch.long)]
             for cid in selection.sel_ids[b, h, : int(selection.num_sel[b, h])].tolist():
                 row = int(level.cluster_start[b]) + cid
                 first = int(index.member_start[row, h])
                 parts.append(index.members[first : first + int(level.counts[row, h]), h].long().cpu())
-            parts.append(recent)
-            tokens = torch.cat(parts)
-            token_len[b, h] = len(tokens)
-            token_pos[b, h, : min(len(tokens), cap)] = tokens[:cap].to(torch.int32)
+            members = torch.cat(parts)[:cap]
+            chosen[b, h, : len(members)] = members.to(torch.int32)
 
 
 @triton.jit
@@ -541,13 +547,10 @@ def _expand_kernel(
     cluster_start,
     member_start,
     members,
-    sink_len,
-    recent_start,
-    seq_lens,
-    token_pos,
-    token_len,
+    chosen,
     H,
     cap,
+    programs,
     stride_sb,
     stride_sh,
     stride_nr,
@@ -556,49 +559,41 @@ def _expand_kernel(
     stride_msh,
     stride_mr,
     stride_mh,
-    stride_pb,
-    stride_ph,
+    stride_cb,
+    stride_ch,
     BLOCK: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tile = tl.program_id(1)
     b = pid // H
     h = pid % H
-    j = tile * BLOCK + tl.arange(0, BLOCK)
     n_sel = tl.load(num_sel + pid)
-    sel_len = tl.load(sel_tokens + pid)
-    n_sink = tl.load(sink_len + b)
-    recent = tl.load(recent_start + b)
-    total = n_sink + sel_len + tl.maximum(tl.load(seq_lens + b) - recent, 0)
-    if (tile > 0) & (tile * BLOCK >= total):
-        return  # past this list: nothing reads it
-    k = j - n_sink
-    in_sel = (k >= 0) & (k < sel_len)
-
-    # Which selected cluster holds list entry k: the first with running size > k (lower bound).
+    sel_len = tl.minimum(tl.load(sel_tokens + pid), cap)
     sel_base = b * stride_sb + h * stride_sh
-    lo = tl.zeros([BLOCK], tl.int32)
-    hi = tl.zeros([BLOCK], tl.int32) + n_sel
-    for _ in range(SEARCH_STEPS):
-        active = in_sel & (lo < hi)
-        mid = (lo + hi) // 2
-        right = tl.load(sel_cum + sel_base + mid, mask=active, other=0) <= k
-        lo = tl.where(active & right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
-    cid = tl.load(sel_ids + sel_base + lo, mask=in_sel, other=0)
-    end = tl.load(sel_cum + sel_base + lo, mask=in_sel, other=0)
-    row = tl.load(cluster_start + b).to(tl.int64) + cid
-    size = tl.load(counts + row * stride_nr + h * stride_nh, mask=in_sel, other=0)
-    first = tl.load(member_start + row * stride_msr + h * stride_msh, mask=in_sel, other=0)
-    member = tl.load(
-        members + (first + k - (end - size)).to(tl.int64) * stride_mr + h * stride_mh, mask=in_sel, other=0
-    )
-    pos = tl.where(j < n_sink, j, tl.where(in_sel, member, recent + k - sel_len))
-    pos = tl.where(j < total, pos, 0)
-    tl.store(token_pos + b * stride_pb + h * stride_ph + j, pos, mask=j < cap)
-    if tile == 0:
-        tl.store(token_len + pid, total)
+    row0 = tl.load(cluster_start + b).to(tl.int64)
+    for tile in range(tl.program_id(1), tl.cdiv(sel_len, BLOCK), programs):
+        k = tile * BLOCK + tl.arange(0, BLOCK)
+        in_sel = k < sel_len
+        # Which selected cluster holds entry k: the first with running size > k (lower bound).
+        lo = tl.zeros([BLOCK], tl.int32)
+        hi = tl.zeros([BLOCK], tl.int32) + n_sel
+        for _ in range(SEARCH_STEPS):
+            active = in_sel & (lo < hi)
+            mid = (lo + hi) // 2
+            right = tl.load(sel_cum + sel_base + mid, mask=active, other=0) <= k
+            lo = tl.where(active & right, mid + 1, lo)
+            hi = tl.where(active & ~right, mid, hi)
+        cid = tl.load(sel_ids + sel_base + lo, mask=in_sel, other=0)
+        end = tl.load(sel_cum + sel_base + lo, mask=in_sel, other=0)
+        row = row0 + cid
+        size = tl.load(counts + row * stride_nr + h * stride_nh, mask=in_sel, other=0)
+        first = tl.load(member_start + row * stride_msr + h * stride_msh, mask=in_sel, other=0)
+        member = tl.load(
+            members + (first + k - (end - size)).to(tl.int64) * stride_mr + h * stride_mh,
+            mask=in_sel,
+            other=0,
+        )
+        tl.store(chosen + b * stride_cb + h * stride_ch + k, member, mask=in_sel)
 
 
 def ranking_key(importance: torch.Tensor) -> torch.Tensor:

@@ -88,12 +88,11 @@ def multipole_decode(
             )
 
     with beside(q.device if use_triton(q, backend) else None, approximate):
-        token_pos, token_len = expand_selection(selections[0], index, max_exact, backend)
+        exact = expand_selection(selections[0], index, max_exact, backend)
         sparse_decode(
             q,
             kv,
-            token_pos,
-            token_len,
+            exact,
             exact_splits,
             sm_scale,
             out=out_ws[:, :, :exact_splits],

@@ -27,6 +27,16 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def programs_per_row(rows: int, tiles: int, per_sm: int = 8, num_sms: int = 132) -> int:
+    """Programs that share the `tiles` of each of `rows` rows, each looping over every P-th tile:
+    enough for `per_sm` programs on every SM, never more than there are tiles.
+
+    A grid sized by a static bound (a server's longest request) and not by the data would launch
+    mostly programs that exit at once, and thousands of those cost ~12 us (H200, a 2K-token
+    batch of 32 under a 70K-token server's bounds: docs/perf.md, item 26)."""
+    return max(1, min(tiles, -(-per_sm * num_sms // max(1, rows))))
+
+
 def exact_dots(dtype: torch.dtype) -> bool:
     """Whether kernels must multiply in fp32 ("ieee"): for fp32 inputs (tf32 would cost ~1e-3), and
     always in Triton's CPU interpreter, whose bf16/fp16 `tl.dot` is wrong (Triton 3.6)."""

@@ -1,10 +1,11 @@
 """Sparse flash decoding: exact attention of each decode query over a ragged list of its tokens.
 
-The list holds token positions per (request, KV head) — what the centroid lookup selected plus the
-sinks and the recent window — and the kernel reads K and V for them straight from the paged pool
-(`layout.PagedKV`). The list of one (request, head) is cut into `num_splits` chunks (split-K), each
-program attends its chunk for the whole GQA group at once (one K/V read serves G query heads) and
-writes a partial output + LSE; `centroid_replace.merge_partials` combines them.
+The list of a (request, KV head) is its sinks, the tokens the centroid lookup chose and its recent
+window (`layout.ExactTokens`: only the chosen ones are stored, the two ranges are enumerated), and
+the kernel reads K and V for them straight from the paged pool (`layout.PagedKV`). The list of one
+(request, head) is cut into `num_splits` chunks (split-K), each program attends its chunk for the
+whole GQA group at once (one K/V read serves G query heads) and writes a partial output + LSE;
+`centroid_replace.merge_partials` combines them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import triton.language as tl
 
 from mp_kernels._softmax import LOG2E, SPLIT_ALIGN, dot, online_update, split_bounds, store_partial
 from mp_kernels.dispatch import exact_dots, next_power_of_2, use_triton
-from mp_kernels.layout import PagedKV
+from mp_kernels.layout import ExactTokens, PagedKV
 
 # Tokens per tile and warps: 64 x 8 uses 241 registers with no spill on sm_90 (ptxas report); 64 x 4
 # and 128 x 8 spill. Module-level so the benchmark can compare tile shapes.
@@ -27,18 +28,16 @@ SPARSE_TILE = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 def sparse_decode(
     q: torch.Tensor,
     kv: PagedKV,
-    token_pos: torch.Tensor,
-    token_len: torch.Tensor,
+    exact: ExactTokens,
     num_splits: int,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial attention of `q [B, Hq, d]` over `token_pos[b, h, :token_len[b, h]]`.
+    """Partial attention of `q [B, Hq, d]` over each (request, KV head)'s exact tokens.
 
-    token_pos: `[B, H_kv, cap]` int32 positions in each request's sequence; token_len `[B, H_kv]`
-    (clamped to cap). Returns (or fills) `out [B, Hq, num_splits, d]` fp32 and `lse [B, Hq,
+    Returns (or fills) `out [B, Hq, num_splits, d]` fp32 and `lse [B, Hq,
     num_splits]` fp32; an empty split has LSE -inf and output 0. `out`/`lse` may be views into a
     larger workspace (any strides with a unit last dim for `out`).
     """
@@ -49,9 +48,9 @@ def sparse_decode(
     if lse is None:
         lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     if use_triton(q, backend):
-        _launch(q, kv, token_pos, token_len, num_splits, scale, out, lse)
+        _launch(q, kv, exact, num_splits, scale, out, lse)
     else:
-        sparse_decode_reference(q, kv, token_pos, token_len, num_splits, scale, out, lse)
+        sparse_decode_reference(q, kv, exact, num_splits, scale, out, lse)
     return out, lse
 
 
@@ -65,8 +64,7 @@ def token_slots(kv: PagedKV, batch_entry: int, positions: torch.Tensor) -> torch
 def sparse_decode_reference(
     q: torch.Tensor,
     kv: PagedKV,
-    token_pos: torch.Tensor,
-    token_len: torch.Tensor,
+    exact: ExactTokens,
     num_splits: int,
     scale: float,
     out: torch.Tensor,
@@ -75,13 +73,13 @@ def sparse_decode_reference(
     """The same partials as the kernel, in plain torch (fp32), one (request, head) at a time."""
     heads = kv.k_buffer.shape[1]
     group = q.shape[1] // heads
-    cap = token_pos.shape[-1]
     out.zero_()
     lse.fill_(float("-inf"))
     for b in range(q.shape[0]):
         for h in range(heads):
-            n = min(int(token_len[b, h]), cap)
-            slots = token_slots(kv, b, token_pos[b, h, :n])
+            positions = exact.positions(b, h)
+            n = len(positions)
+            slots = token_slots(kv, b, positions)
             keys = kv.k_buffer[slots, h].float()
             values = kv.v_buffer[slots, h].float()
             logits = q[b, h * group : (h + 1) * group].float() @ keys.t() * scale
@@ -96,8 +94,7 @@ def sparse_decode_reference(
 def _launch(
     q: torch.Tensor,
     kv: PagedKV,
-    token_pos: torch.Tensor,
-    token_len: torch.Tensor,
+    exact: ExactTokens,
     num_splits: int,
     scale: float,
     out: torch.Tensor,
@@ -113,15 +110,18 @@ def _launch(
         kv.v_buffer,
         kv.page_table,
         kv.table_rows,
-        token_pos,
-        token_len,
+        exact.sink_len,
+        exact.chosen,
+        exact.num_chosen,
+        exact.recent_start,
+        exact.seq_lens,
         out,
         lse,
         scale * LOG2E,
         heads,
         group,
         num_splits,
-        token_pos.shape[-1],
+        exact.cap,
         q.stride(0),
         q.stride(1),
         kv.k_buffer.stride(0),
@@ -129,9 +129,10 @@ def _launch(
         kv.v_buffer.stride(0),
         kv.v_buffer.stride(1),
         kv.page_table.stride(0),
-        token_pos.stride(0),
-        token_pos.stride(1),
-        token_len.stride(0),
+        exact.chosen.stride(0),
+        exact.chosen.stride(1),
+        exact.num_chosen.stride(0),
+        exact.num_chosen.stride(1),
         out.stride(0),
         out.stride(1),
         out.stride(2),
@@ -156,8 +157,11 @@ def _sparse_decode_kernel(
     v_buf,
     table,
     table_rows,
-    token_pos,
-    token_len,
+    sink_len,
+    chosen,
+    num_chosen,
+    recent_start,
+    seq_lens,
     out,
     lse,
     scale2,
@@ -172,9 +176,10 @@ def _sparse_decode_kernel(
     stride_vs,
     stride_vh,
     stride_table,
-    stride_pb,
-    stride_ph,
+    stride_cb,
+    stride_ch,
     stride_nb,
+    stride_nh,
     stride_ob,
     stride_oh,
     stride_os,
@@ -192,7 +197,10 @@ def _sparse_decode_kernel(
     split = tl.program_id(1)
     b = pid // H
     h = pid % H
-    n = tl.minimum(tl.load(token_len + b * stride_nb + h), cap)
+    n_sink = tl.load(sink_len + b)
+    n_chosen = tl.load(num_chosen + b * stride_nb + h * stride_nh)
+    recent = tl.load(recent_start + b)
+    n = tl.minimum(n_sink + n_chosen + tl.maximum(tl.load(seq_lens + b) - recent, 0), cap)
     chunk = tl.cdiv(tl.cdiv(n, num_splits), ALIGN) * ALIGN
     start = tl.minimum(split * chunk, n)
     end = tl.minimum(start + chunk, n)
@@ -203,7 +211,7 @@ def _sparse_decode_kernel(
     d = tl.arange(0, D)
     qv = tl.load(q + b * stride_qb + rows[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0)
     table_row = table + tl.load(table_rows + b).to(tl.int64) * stride_table
-    pos_row = token_pos + b * stride_pb + h * stride_ph
+    chosen_row = chosen + b * stride_cb + h * stride_ch
 
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([G_PAD], tl.float32)
@@ -211,7 +219,11 @@ def _sparse_decode_kernel(
     for t0 in range(start, end, BLOCK_N):
         offs = t0 + tl.arange(0, BLOCK_N)
         valid = offs < end
-        pos = tl.load(pos_row + offs, mask=valid, other=0)
+        # Entry -> position: sinks and the recent window are ranges, only chosen tokens are listed.
+        k = offs - n_sink
+        listed = valid & (k >= 0) & (k < n_chosen)
+        pos = tl.load(chosen_row + k, mask=listed, other=0)
+        pos = tl.where(offs < n_sink, offs, tl.where(listed, pos, recent + k - n_chosen))
         page = tl.load(table_row + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
         slot = page * PAGE_SIZE + pos % PAGE_SIZE
         keys = tl.load(

@@ -25,7 +25,9 @@ with the context as it grows, so every row also carries a curve per `--bucket-to
 per request: from the client's streams (each request's time through the bucket, times the batch)
 and from the server's own log (its `Decode batch` lines, each the throughput of the last 40 decode
 steps, placed by the context per running request). A second table prints both curves as
-multipole / dense ratios per bucket.
+multipole / dense ratios per bucket. `--sglang-client` cross-checks every row with sglang's own
+client, `sglang.bench_one_batch_server --base-url` against the same server right after it (its
+"output throughput", with the same shape of random token ids).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import random
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -75,6 +78,8 @@ class Row:
     samples: int = 1
     client_buckets: dict[int, float] = field(default_factory=dict)
     server_buckets: dict[int, float] = field(default_factory=dict)
+    server_decode_tok_s: float = 0.0  # whole-run decode throughput from the server's log (0: no windows)
+    sglang_client_tok_s: float | None = None  # bench_one_batch_server's output throughput
 
 
 def main() -> int:
@@ -114,9 +119,14 @@ def main() -> int:
                     streams = _generate(base, prompts[(context, batch)], args.new_tokens)
                     row = _row(label, context, batch, args.new_tokens, args.warmup_tokens, streams)
                     row.client_buckets = client_buckets(streams, context, args.bucket_tokens)
-                    row.server_buckets = server_buckets(_read_from(log, log_start), batch, args.bucket_tokens)
+                    server_log = _read_from(log, log_start)
+                    row.server_buckets = server_buckets(server_log, batch, args.bucket_tokens)
+                    row.server_decode_tok_s = server_decode_rate(server_log, batch)
                     samples.append(row)
                 row = median_row(samples)
+                if args.sglang_client:
+                    report = args.log_dir / f"one-batch-{number}-{name}-{context}x{batch}.txt"
+                    row.sglang_client_tok_s = sglang_client(base, args, context, batch, report)
                 result["rows"].append(asdict(row))
                 result["samples"] += [asdict(sample) for sample in samples]
                 print(f"[{label}] {row}", flush=True)
@@ -284,11 +294,36 @@ def _row(name: str, context: int, batch: int, new_tokens: int, warmup: int, stre
     )
 
 
+def sglang_client(
+    base: str, args: argparse.Namespace, context: int, batch: int, report: Path
+) -> float | None:
+    """Decode throughput of one batch as sglang's own client measures it against the server at
+    `base` (None if the client failed; its output is kept in `report` either way)."""
+    command = [
+        sys.executable, "-m", "sglang.bench_one_batch_server", "--model-path", str(args.model_path),
+        "--base-url", base, "--batch-size", str(batch), "--input-len", str(context),
+        "--output-len", str(args.new_tokens), "--dataset-name", "random-ids", "--skip-warmup",
+        "--result-filename", str(report.with_suffix(".jsonl")),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    report.write_text(done.stdout + done.stderr)
+    found = parse_one_batch_output(done.stdout)
+    if found is None:
+        print(f"sglang's client gave no throughput (exit {done.returncode}); see {report}", flush=True)
+    return found
+
+
+def parse_one_batch_output(stdout: str) -> float | None:
+    """The "output throughput: X tok/s" that bench_one_batch_server prints for its batch."""
+    found = re.findall(r"^output throughput: ([0-9.]+) tok/s", stdout, flags=re.MULTILINE)
+    return float(found[-1]) if found else None
+
+
 def median_row(samples: list[Row]) -> Row:
     """One row from repeated runs of the same batch: the median of every figure, so that a
     one-off (a dense backend's first request at a new size, a scheduling hiccup) does not decide it."""
     first = samples[0]
-    figures = ("ttft_s", "first_step_s", "decode_tok_s", "itl_ms")
+    figures = ("ttft_s", "first_step_s", "decode_tok_s", "itl_ms", "server_decode_tok_s")
     medians = {name: statistics.median(getattr(s, name) for s in samples) for name in figures}
     curves = {
         name: {
@@ -338,6 +373,15 @@ def server_buckets(log_text: str, batch: int, bucket: int) -> dict[int, float]:
         if int(running) == batch and float(rate) > 0:
             windows.setdefault(int(tokens) // batch // bucket * bucket, []).append(float(rate))
     return {start: round(statistics.mean(rates), 1) for start, rates in sorted(windows.items())}
+
+
+def server_decode_rate(log_text: str, batch: int) -> float:
+    """Whole-run decode throughput from the server's log: the tokens of every window of the full
+    batch over their summed time (each window's tokens / its rate), so no client can limit it.
+    The first such window is left out: it also spans the idle time before the batch arrived."""
+    rates = [float(rate) for running, _, rate in _DECODE_LOG.findall(log_text) if int(running) == batch]
+    rates = [rate for rate in rates[1:] if rate > 0]
+    return round(len(rates) / sum(1 / rate for rate in rates), 1) if rates else 0.0
 
 
 def _time_of(stream: Stream, tokens: int) -> float:
@@ -422,7 +466,23 @@ def _table(result: dict, names: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if result["agreement"]:
         lines.append(f"greedy agreement: {json.dumps(result['agreement'])}")
-    return "\n".join(lines + bucket_table(result["rows"], names, label))
+    return "\n".join(lines + client_table(result["rows"], label) + bucket_table(result["rows"], names, label))
+
+
+def client_table(rows: list[dict], label: dict[str, str]) -> list[str]:
+    """Each row's whole-run decode throughput three ways: our client's streams, the server's log,
+    and sglang's own client (bench_one_batch_server) where it ran. At large batches a Python
+    client that reads every streamed token can fall behind the server; the log cannot."""
+    checked = [r for r in rows if r.get("server_decode_tok_s") or r.get("sglang_client_tok_s")]
+    if not checked:
+        return []
+    lines = ["", "| backend | ctx | B | our client tok/s | server log tok/s | sglang client tok/s |"]
+    lines.append("|---" * 6 + "|")
+    for r in checked:
+        figures = [r["decode_tok_s"], r.get("server_decode_tok_s"), r.get("sglang_client_tok_s")]
+        cells = [f"{value:.0f}" if value else "-" for value in figures]
+        lines.append(f"| {label[r['backend']]} | {r['context']} | {r['batch']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def bucket_table(rows: list[dict], names: list[str], label: dict[str, str]) -> list[str]:
@@ -522,6 +582,11 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--agreement-tokens", type=int, default=1000)
     ap.add_argument(
         "--agreement-probes", type=int, default=0, help="teacher-forced probes per backend (module doc)"
+    )
+    ap.add_argument(
+        "--sglang-client",
+        action="store_true",
+        help="also measure every row with sglang.bench_one_batch_server against the same server",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=600.0)

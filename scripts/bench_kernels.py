@@ -41,7 +41,7 @@ from mp_kernels import sparse_decode as sparse_module
 from mp_kernels.centroid_lookup import centroid_scores, lookup, select_within_budget
 from mp_kernels.centroid_replace import centroid_replace, merge_partials
 from mp_kernels.decode import default_splits, multipole_decode, replacement_splits
-from mp_kernels.layout import BatchIndex, LevelTensors, PagedKV
+from mp_kernels.layout import BatchIndex, ExactTokens, LevelTensors, PagedKV
 from mp_kernels.sparse_decode import sparse_decode
 from mp_sglang.method.config import MultipoleConfig
 from mp_sglang.serving.kernel_path import static_bounds
@@ -374,12 +374,12 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, enable_gqa=True)  # noqa: E731
     sdpa_ms = _time_graph(sdpa)
     dense_ref = _dense_fp32(q, kd, vd) if batch == 1 else None
-    full = torch.arange(ctx, dtype=torch.int32, device=DEVICE).expand(batch, HKV, ctx).contiguous()
-    full_len = torch.full((batch, HKV), ctx, dtype=torch.int32, device=DEVICE)
+    # Every token exact: a row without clusters, all of it recent (nothing listed).
+    zeros = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
+    no_list = torch.zeros(batch, HKV, 1, dtype=torch.int32, device=DEVICE)
+    full = ExactTokens(zeros, no_list, no_list[..., 0], zeros, zeros + ctx, ctx)
     s_dense = default_splits(batch, HKV, ctx)
-    tri_dense_ms = _time_graph(
-        lambda: merge_partials(*sparse_decode(q, kv, full, full_len, s_dense), q.dtype)
-    )
+    tri_dense_ms = _time_graph(lambda: merge_partials(*sparse_decode(q, kv, full, s_dense), q.dtype))
     dense_bytes = 2 * batch * ctx * HKV * DIM * 2
 
     rows = []
@@ -391,13 +391,13 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
         s_apx = replacement_splits(batch, HKV, level.max_clusters)
         found = lookup(q, index, budget, max_exact)
         parts = [
-            sparse_decode(q, kv, found.token_pos, found.token_len, s_exact),
+            sparse_decode(q, kv, found.exact, s_exact),
             centroid_replace(found.logits[0], found.selected[0], level, s_apx),
         ]
         out_ws, lse_ws = torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
         t = {
             "lookup": _time_graph(lambda: lookup(q, index, budget, max_exact)),  # noqa: B023
-            "sparse": _time_graph(lambda: sparse_decode(q, kv, found.token_pos, found.token_len, s_exact)),  # noqa: B023
+            "sparse": _time_graph(lambda: sparse_decode(q, kv, found.exact, s_exact)),  # noqa: B023
             "replace": _time_graph(
                 lambda: centroid_replace(found.logits[0], found.selected[0], level, s_apx)
             ),  # noqa: B023
@@ -420,7 +420,7 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
         if frac == 0.02 and ctx == max(CONTEXTS) and batch in (1, 8):
             result["tiles"].append(_tile_variants(ctx, batch, q, kv, found, s_exact, t["sparse"]))
             result["tiles"].append(_replace_variants(ctx, batch, found, level, s_apx, t["replace"]))
-        exact_tokens = int(found.token_len.sum())
+        exact_tokens = int(found.exact.lengths().sum())
         clusters = int(level.num_clusters.sum()) * HKV
         approx = int(((found.selected[0] == 0) & torch.isfinite(found.logits[0][:, :: HQ // HKV])).sum())
         by = {
@@ -527,13 +527,13 @@ def _tile_variants(ctx, batch, q, kv, found, splits, current_ms) -> dict:
     for block_n, warps, stages in ((32, 4, 2), (32, 8, 2), (16, 4, 2), (64, 4, 2), (64, 8, 1)):
         sparse_module.SPARSE_TILE.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
         row[f"{block_n}x{warps}" + ("" if stages == 2 else f"s{stages}")] = _time_graph(
-            lambda: sparse_decode(q, kv, found.token_pos, found.token_len, splits)
+            lambda: sparse_decode(q, kv, found.exact, splits)
         )
     sparse_module.SPARSE_TILE.update(saved)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
     waves = [w * sms // (batch * HKV) for w in (1, 2)]
     for n in sorted({max(1, int(splits * 0.5)), max(1, int(splits * 2.0)), *(w for w in waves if w)}):
-        row[f"splits={n}"] = _time_graph(lambda: sparse_decode(q, kv, found.token_pos, found.token_len, n))
+        row[f"splits={n}"] = _time_graph(lambda: sparse_decode(q, kv, found.exact, n))
     print(json.dumps(row), flush=True)
     return row
 

@@ -28,19 +28,18 @@ def test_lookup_matches_reference(budget, levels):
             finite = torch.isfinite(ref_logits)
             assert torch.allclose(got_logits[finite], ref_logits[finite], atol=1e-5, rtol=1e-5)
             assert torch.equal(got.selected[lvl][b, :, :n], ref.selected[lvl][b, :, :n])
-    assert torch.equal(got.token_len, ref.token_len)
+    assert torch.equal(got.exact.lengths(), ref.exact.lengths())
     for b in range(len(LENS)):
         for h in range(3):
-            n = int(ref.token_len[b, h])
-            assert torch.equal(got.token_pos[b, h, :n], ref.token_pos[b, h, :n])
+            assert torch.equal(got.exact.positions(b, h), ref.exact.positions(b, h))
 
     for b, index in enumerate(batch.indices):
         spec = reference.lookup(batch.q[b], index, cfg)
         exact = torch.zeros_like(spec.exact)
         for h in range(3):
-            exact[h, got.token_pos[b, h, : int(got.token_len[b, h])].long()] = True
+            exact[h, got.exact.positions(b, h)] = True
         assert torch.equal(exact, spec.exact)
-        assert int(got.token_len[b].max()) == int(spec.exact.sum(-1).max())  # no token listed twice
+        assert int(got.exact.lengths()[b].max()) == int(spec.exact.sum(-1).max())  # no token listed twice
         for lvl in range(levels):
             n = int(batch.index.levels[lvl].num_clusters[b])
             logits = got.logits[lvl][b, :, :n].reshape(3, 2, n)
@@ -106,15 +105,19 @@ def test_expansion_of_many_clusters_of_every_size(cap_short):
         selected.sum(-1).to(torch.int32),
         chosen_sizes.sum(-1).to(torch.int32),
     )
-    full = int((sink_len.max() + chosen_sizes.sum(-1).max() + 300).item())
+    recent = (seq_lens - recent_start).unsqueeze(1)
+    uncut = sink_len.unsqueeze(1) + chosen_sizes.sum(-1) + recent
+    full = int(uncut.max())  # the longest list
     cap = full - cap_short
-    got_pos, got_len = expand_selection(selection, index, cap, backend="triton")
-    ref_pos, ref_len = expand_selection(selection, index, cap, backend="torch")
-    assert torch.equal(got_len, ref_len)
+    got = expand_selection(selection, index, cap, backend="triton")
+    ref = expand_selection(selection, index, cap, backend="torch")
+    assert torch.equal(got.lengths(), ref.lengths())
+    assert bool((got.lengths() < uncut).any()) == (cap_short > 0)
     for b in range(batch):
         for h in range(heads):
-            n = min(int(ref_len[b, h]), cap)
-            assert torch.equal(got_pos[b, h, :n], ref_pos[b, h, :n]), (b, h)
+            listed = min(int(selection.sel_tokens[b, h]), cap)
+            assert torch.equal(got.chosen[b, h, :listed], ref.chosen[b, h, :listed]), (b, h)
+            assert torch.equal(got.positions(b, h), ref.positions(b, h)), (b, h)
 
 
 @pytest.mark.parametrize(

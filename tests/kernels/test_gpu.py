@@ -87,12 +87,13 @@ def test_kernels_vs_torch_references(dtype):
     ref = lookup(batch.q, batch.index, batch.budget, batch.max_exact, backend="torch")
     for b, n in enumerate(batch.index.levels[0].num_clusters.tolist()):  # past n: unwritten
         assert torch.equal(got.selected[0][b, :, :n], ref.selected[0][b, :, :n])
-    assert torch.equal(got.token_len, ref.token_len)
-    mask = torch.arange(batch.max_exact, device="cuda") < got.token_len.unsqueeze(-1)
-    assert torch.equal(got.token_pos[mask], ref.token_pos[mask])
+    assert torch.equal(got.exact.lengths(), ref.exact.lengths())
+    for b in range(len(LENS)):
+        for h in range(8):
+            assert torch.equal(got.exact.positions(b, h), ref.exact.positions(b, h))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for fn_args in (
-        (sparse_decode, (batch.q, batch.kv, got.token_pos, got.token_len, 7)),
+        (sparse_decode, (batch.q, batch.kv, got.exact, 7)),
         (centroid_replace, (got.logits[0], got.selected[0], batch.index.levels[0], 5)),
     ):
         fn, args = fn_args

@@ -107,3 +107,32 @@ def test_bucket_table_shows_each_backend_over_the_first():
     lines = bench_e2e.bucket_table(rows, ["fi", "mp"], {"fi": "fi", "mp": "mp"})
     assert lines[-2:] == ["| fi | 2000 / 2100 | 1000 / - |", "| mp | 0.75 / 0.71 | 1.50 / - |"]
     assert "| backend | 0K | 2K |" in lines
+
+
+def test_sglang_clients_throughput_is_read_from_its_report():
+    report = (
+        "batch size: 8\ninput_len: 1024\noutput_len: 16384\nlatency: 61.20 s\n"
+        "input throughput: 40960.00 tok/s\noutput throughput: 2153.91 tok/s\nlast_ttft: 0.20 s\n"
+    )
+    assert bench_e2e.parse_one_batch_output(report) == 2153.91
+    assert bench_e2e.parse_one_batch_output("Traceback (most recent call last):\n") is None
+
+
+def test_client_table_shows_every_measure_a_row_has():
+    rows = [
+        {"backend": "fi", "context": 1024, "batch": 8, "decode_tok_s": 2200.0, "server_decode_tok_s": 2210.0,
+         "sglang_client_tok_s": 2000.0},
+        {"backend": "mp", "context": 1024, "batch": 8, "decode_tok_s": 2400.0, "server_decode_tok_s": 2420.0,
+         "sglang_client_tok_s": None},
+        {"backend": "mp", "context": 2048, "batch": 8, "decode_tok_s": 2400.0, "server_decode_tok_s": 0.0},
+    ]  # fmt: skip
+    lines = bench_e2e.client_table(rows, {"fi": "fi", "mp": "mp"})
+    assert lines[-2:] == ["| fi | 1024 | 8 | 2200 | 2210 | 2000 |", "| mp | 1024 | 8 | 2400 | 2420 | - |"]
+    assert bench_e2e.client_table(rows[2:], {"mp": "mp"}) == []
+
+
+def test_server_decode_rate_weighs_windows_by_their_time_and_skips_the_first():
+    line = "Decode batch, #running-req: {}, #token: 9000, cuda graph: True, gen throughput (token/s): {}\n"
+    log = "".join(line.format(n, rate) for n, rate in [(8, 10.0), (8, 2000.0), (8, 1000.0), (3, 500.0)])
+    assert bench_e2e.server_decode_rate(log, 8) == round(2 / (1 / 2000 + 1 / 1000), 1)
+    assert bench_e2e.server_decode_rate(log, 32) == 0.0
