@@ -476,15 +476,13 @@ def _select_kernel(
 def expand_selection(
     selection: Selection, index: BatchIndex, max_exact: int, backend: str | None = None
 ) -> ExactTokens:
-    """The exact tokens of a batch: sinks, members of the selected clusters, recent window, cut at
-    `max_exact` (a server's bound). Only the members are listed (`ExactTokens`), by a few programs
-    per (request, head) looping over the request's own tiles of the list."""
+    """The exact tokens of a batch: sinks, members of the selected clusters (at most `max_exact`,
+    a server's bound), recent window. Only the members are listed (`ExactTokens`), by a few
+    programs per (request, head) looping over the request's own tiles of the list."""
     batch, heads, max_c = selection.selected.shape
     dev = selection.selected.device
     chosen = torch.empty(batch, heads, max_exact, dtype=torch.int32, device=dev)
-    exact = ExactTokens(
-        index.sink_len, chosen, selection.sel_tokens, index.recent_start, index.seq_lens, max_exact
-    )
+    exact = ExactTokens(index.sink_len, chosen, selection.sel_tokens, index.recent_start, index.seq_lens)
     if not use_triton(selection.selected, backend):
         _expand_reference(selection, index, chosen)
         return exact

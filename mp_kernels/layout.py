@@ -73,12 +73,13 @@ class BatchIndex:
 @dataclass(frozen=True)
 class ExactTokens:
     """The tokens each (request, KV head) attends exactly, in list order: positions
-    `[0, sink_len)`, then `chosen[b, h, :num_chosen[b, h]]` (members of the selected clusters),
-    then `[recent_start, seq_len)`; a list longer than `cap` entries is cut there.
+    `[0, sink_len)`, then `chosen[b, h, :num_chosen[b, h]]` (members of the selected clusters, at
+    most as many as `chosen` holds), then `[recent_start, seq_len)`.
 
     Only the chosen tokens are listed. The sinks and the recent window are ranges a kernel
-    enumerates for free, so a row with no clusters (all of it recent) costs no list at all.
-    sink_len / recent_start / seq_lens `[B]` int32; chosen `[B, H, >= cap]` int32 (entries past
+    enumerates for free, so a row with no clusters (all of it recent) costs no list, and has no
+    length limit: a request whose index is missing is attended exactly over its whole context.
+    sink_len / recent_start / seq_lens `[B]` int32; chosen `[B, H, cap]` int32 (entries past
     num_chosen unspecified); num_chosen `[B, H]` int32.
     """
 
@@ -87,22 +88,20 @@ class ExactTokens:
     num_chosen: torch.Tensor
     recent_start: torch.Tensor
     seq_lens: torch.Tensor
-    cap: int
 
     def lengths(self) -> torch.Tensor:
-        """`[B, H]` int64 list lengths (after the cut at `cap`)."""
+        """`[B, H]` int64 list lengths."""
         recent = (self.seq_lens - self.recent_start).clamp_min(0).long()
-        total = self.sink_len.long().unsqueeze(1) + self.num_chosen.long() + recent.unsqueeze(1)
-        return total.clamp_max(self.cap)
+        chosen = self.num_chosen.long().clamp_max(self.chosen.shape[-1])
+        return self.sink_len.long().unsqueeze(1) + chosen + recent.unsqueeze(1)
 
     def positions(self, b: int, h: int) -> torch.Tensor:
         """The list of (request b, head h) as int64 positions (references and tests)."""
         sink = torch.arange(int(self.sink_len[b]))
-        chosen = self.chosen[b, h, : min(int(self.num_chosen[b, h]), self.cap)].long().cpu()
+        chosen = self.chosen[b, h, : int(self.num_chosen[b, h])].long().cpu()
         start = int(self.recent_start[b])
         recent = torch.arange(start, max(int(self.seq_lens[b]), start))
-        return torch.cat([sink, chosen, recent])[: self.cap].to(self.chosen.device)
-
+        return torch.cat([sink, chosen, recent]).to(self.chosen.device)
 
 def contiguous_pool(
     keys: Sequence[torch.Tensor],

@@ -121,7 +121,7 @@ def _launch(
         heads,
         group,
         num_splits,
-        exact.cap,
+        exact.chosen.shape[-1],
         q.stride(0),
         q.stride(1),
         kv.k_buffer.stride(0),
@@ -168,7 +168,7 @@ def _sparse_decode_kernel(
     H,
     G,
     num_splits,
-    cap,
+    chosen_cap,
     stride_qb,
     stride_qh,
     stride_ks,
@@ -198,9 +198,9 @@ def _sparse_decode_kernel(
     b = pid // H
     h = pid % H
     n_sink = tl.load(sink_len + b)
-    n_chosen = tl.load(num_chosen + b * stride_nb + h * stride_nh)
+    n_chosen = tl.minimum(tl.load(num_chosen + b * stride_nb + h * stride_nh), chosen_cap)
     recent = tl.load(recent_start + b)
-    n = tl.minimum(n_sink + n_chosen + tl.maximum(tl.load(seq_lens + b) - recent, 0), cap)
+    n = n_sink + n_chosen + tl.maximum(tl.load(seq_lens + b) - recent, 0)
     chunk = tl.cdiv(tl.cdiv(n, num_splits), ALIGN) * ALIGN
     start = tl.minimum(split * chunk, n)
     end = tl.minimum(start + chunk, n)

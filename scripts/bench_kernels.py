@@ -377,7 +377,7 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
     # Every token exact: a row without clusters, all of it recent (nothing listed).
     zeros = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
     no_list = torch.zeros(batch, HKV, 1, dtype=torch.int32, device=DEVICE)
-    full = ExactTokens(zeros, no_list, no_list[..., 0], zeros, zeros + ctx, ctx)
+    full = ExactTokens(zeros, no_list, no_list[..., 0], zeros, zeros + ctx)
     s_dense = default_splits(batch, HKV, ctx)
     tri_dense_ms = _time_graph(lambda: merge_partials(*sparse_decode(q, kv, full, s_dense), q.dtype))
     dense_bytes = 2 * batch * ctx * HKV * DIM * 2

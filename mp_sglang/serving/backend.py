@@ -181,8 +181,8 @@ class MultipoleAttnBackend(AttentionBackend):
         its first one-token step. A row whose generation changed since it was last listed is
         therefore attended exactly in that pass (no index built or used); the next pass trusts it.
         Every request's first pass is normally a prefill, which settles it, so an unsettled row of
-        a DECODE pass is a finished request's, whose output is thrown away: the kernel path
-        attends it over at most its static bound of exact tokens (`KernelDecoder.max_exact`).
+        a DECODE pass is a finished request's, whose output is thrown away (the kernel path
+        attends it over its whole context for that one step).
         """
         settled = self._seen_generation.get(req) == generation
         self._seen_generation[req] = generation
@@ -338,15 +338,15 @@ def _slices_of(keys: torch.Tensor, values: torch.Tensor):
 def _prefix_sharing_warning(cfg: MultipoleConfig, server_args: object | None) -> str | None:
     """What to say at start-up when requests may share prefixes through the radix cache: each of
     them indexes the shared tokens, so a batch's indexes can outgrow buffers sized from the pool,
-    and that stops the server at the decode step where it happens."""
+    and the requests that do not fit then decode exactly (at dense cost) until there is room."""
     if server_args is None or getattr(server_args, "disable_radix_cache", True) or cfg.index_capacity > 1:
         return None
     return (
         "multipole: the radix cache is on and MULTIPOLE_INDEX_CAPACITY is "
-        f"{cfg.index_capacity:g}: requests sharing long prefixes each index them, and a decode batch "
-        "whose indexes hold more tokens than the KV pool stops the server. Raise "
-        "MULTIPOLE_INDEX_CAPACITY (each +1 costs ~7 % of the KV cache's memory at head size 128) "
-        "or pass --disable-radix-cache."
+        f"{cfg.index_capacity:g}: requests sharing long prefixes each index them, and when a decode "
+        "batch's indexes hold more tokens than the KV pool, the requests that do not fit are attended "
+        "exactly (at dense cost). Raise MULTIPOLE_INDEX_CAPACITY (each +1 costs ~7 % of the KV "
+        "cache's memory at head size 128) or pass --disable-radix-cache."
     )
 
 

@@ -18,6 +18,11 @@ before (clusters, counts, member offsets, and a sort of those tokens' labels), n
 context; a request that joins gets a new slot after the others; one that leaves frees its slot.
 Only when a slot or the free space runs out is everything packed again, each request given
 room to grow from half the free rows (the other half is for requests that join later).
+
+A batch whose indexes together outgrow the buffers (requests that share long prefixes through the
+radix cache each index them) does not stop the server: the largest indexes that fit are packed,
+and the other requests are packed without one, i.e. attended exactly over their whole context,
+until a later pass has room for them (`fill` returns which).
 """
 
 from __future__ import annotations
@@ -101,7 +106,9 @@ class IndexBuffers:
         self.members = torch.zeros(layers, cap.member_rows, heads, dtype=torch.int32, device=device)
         # cluster_start, num_clusters, recent_start per request row, filled in one copy.
         self.per_row = torch.zeros(3, cap.rows, dtype=torch.int32, device=device)
-        self.packed: tuple[ClusterIndex | None, ...] = ()
+        self.packed: tuple[ClusterIndex | None, ...] = ()  # by batch row; None: attended exactly
+        self._requested: tuple[ClusterIndex | None, ...] = ()
+        self.left_out: list[int] = []  # batch rows whose index did not fit in the last `fill`
         self._slots: dict[int, tuple[ClusterIndex, _Slot]] = {}  # by id() of a packed index
         self._end = (0, 0)  # first cluster row and member row no slot holds
 
@@ -110,24 +117,30 @@ class IndexBuffers:
         indexes: Sequence[ClusterIndex | None],
         sink_tokens: int,
         grown_from: Sequence[ClusterIndex | None] | None = None,
-    ) -> None:
-        """Pack `indexes` (batch order) into the buffers, unless exactly these are packed already.
+    ) -> list[int]:
+        """Pack `indexes` (batch order) into the buffers, unless exactly these were asked for last.
 
         `grown_from[b]`, when given, is the index that `indexes[b]` was folded from
         (`reference.update_index`): if that is packed, `indexes[b]` takes over its slot and only
-        its tail is written.
+        its tail is written. Returns the batch rows whose index did not fit (module doc): they are
+        packed without one, and `packed[b]` is None for them.
         """
-        if len(indexes) == len(self.packed) and all(
-            a is b for a, b in zip(indexes, self.packed, strict=True)
+        if len(indexes) == len(self._requested) and all(
+            a is b for a, b in zip(indexes, self._requested, strict=True)
         ):
-            return
+            return self.left_out
         if len(indexes) > self.capacity.rows:
             raise RuntimeError(
                 f"multipole: a batch of {len(indexes)} requests; the index holds {self.capacity.rows}"
             )
+        requested = tuple(indexes)
         sizes = [self._size(index) for index in indexes]
         placed = self._place(indexes, grown_from or [None] * len(indexes), sizes, self._slots, self._end)
+        left_out: list[int] = []
         if placed is None:
+            left_out = self._left_out(sizes)
+            indexes = [None if b in left_out else index for b, index in enumerate(indexes)]
+            sizes = [(0, 0) if b in left_out else size for b, size in enumerate(sizes)]
             placed = self._pack_all(indexes, sizes)
         slots, writes, self._end = placed
         for b, kept in writes:
@@ -141,9 +154,26 @@ class IndexBuffers:
         ).reshape(-1, 3)
         self.per_row[:, : len(indexes)].copy_(to_device(per_row.t().contiguous(), self.per_row.device))
         self.packed = tuple(indexes)
+        self._requested, self.left_out = requested, left_out
         self._slots = {
             id(index): (index, slot) for index, slot in zip(indexes, slots, strict=True) if index is not None
         }
+        return left_out
+
+    def _left_out(self, sizes: list[tuple[int, int]]) -> list[int]:
+        """The rows to pack without their index so that the rest fit: the largest indexes are kept
+        first (a request left out is attended over its whole context, which costs most for the
+        longest), and each smaller one while it still fits."""
+        free_clusters, free_members = self.capacity.cluster_rows, self.capacity.member_rows
+        left_out = []
+        for b in sorted(range(len(sizes)), key=lambda b: sizes[b][1], reverse=True):
+            clusters, clustered = sizes[b]
+            if clusters <= free_clusters and clustered <= free_members:
+                free_clusters -= clusters
+                free_members -= clustered
+            else:
+                left_out.append(b)
+        return sorted(left_out)
 
     def _place(
         self,
@@ -196,18 +226,10 @@ class IndexBuffers:
         return slots, writes, (row, member)
 
     def _pack_all(self, indexes: Sequence[ClusterIndex | None], sizes: list[tuple[int, int]]) -> _Placement:
-        """Every request laid out afresh from row 0: its index, then its share of the free rows."""
-        cap = self.capacity
-        clusters = sum(c for c, _ in sizes)
-        clustered = sum(m for _, m in sizes)
-        if clusters > cap.cluster_rows or clustered > cap.member_rows:
-            raise RuntimeError(
-                "multipole: the batch's cluster index outgrew its preallocated buffers "
-                f"({cap.cluster_rows} clusters, {cap.member_rows} tokens per layer); raise "
-                "MULTIPOLE_INDEX_CAPACITY (requests sharing long prefixes need more than 1)"
-            )
+        """Every request laid out afresh from row 0 (they fit: `_left_out`): its index, then its
+        share of the free rows."""
         placed = self._place(indexes, [None] * len(indexes), sizes, {}, (0, 0))
-        assert placed is not None  # everything fits from row 0 (checked above)
+        assert placed is not None  # everything fits from row 0
         return placed
 
     def _size(self, index: ClusterIndex | None) -> tuple[int, int]:

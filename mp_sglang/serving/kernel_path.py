@@ -17,6 +17,7 @@ Host work and GPU work are split the way CUDA graphs need:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -45,6 +46,8 @@ from mp_sglang.serving.index_buffers import IndexBuffers, IndexCapacity
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
 
+
+logger = logging.getLogger(__name__)
 
 ALL_LAYERS = -1  # the IndexTable layer key of a request's index over the heads of all layers
 
@@ -171,6 +174,7 @@ class KernelDecoder:
         self.batch = 0
         self.all_queries = False
         self._held: tuple[tuple[int, int, bool], ...] = ()
+        self._left_out: list[int] = []  # batch rows the buffers had no room for (`_upkeep`)
         if self.device.type == "cuda":
             self._compile_upkeep_kernels(heads, dim)
 
@@ -230,7 +234,20 @@ class KernelDecoder:
             )
         )
         after = [next(found) if row.indexed else None for row in rows]
-        self.buffers.fill(after, self.cfg.sink_tokens, grown_from=before)  # folded rows: tails only
+        left_out = self.buffers.fill(after, self.cfg.sink_tokens, grown_from=before)  # folds: tails only
+        if left_out and left_out != self._left_out:
+            cap = self.capacity
+            logger.warning(
+                "multipole: the batch's indexes outgrow the index buffers (%d clusters, %d tokens per "
+                "layer): %d of its %d indexed requests are attended exactly, over their whole context, "
+                "until there is room. Requests that share long prefixes each index them; "
+                "MULTIPOLE_INDEX_CAPACITY > 1 makes room (docs/sglang.md).",
+                cap.cluster_rows,
+                cap.member_rows,
+                len(left_out),
+                len(indexed),
+            )
+        self._left_out = left_out
 
     def _build_missing(self, rows: list[MethodRow]) -> None:
         """Build the stacked index of every row that has none (or one the cache no longer holds)."""

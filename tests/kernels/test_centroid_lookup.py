@@ -68,7 +68,7 @@ def test_importance_ties_below_bfloat16_precision_go_to_the_lower_cluster_id(bac
 @pytest.mark.parametrize("cap_short", [0, 40])
 def test_expansion_of_many_clusters_of_every_size(cap_short):
     """Enough selected clusters that each copying program walks several chunks, sizes from 0
-    (an emptied cluster) past one member tile, and a list cut at its capacity."""
+    (an emptied cluster) past one member tile, and a chosen list cut at its capacity."""
     gen = torch.Generator().manual_seed(4)
     batch, heads, clusters = 2, 3, 150
     counts = torch.randint(0, 70, (batch * clusters, heads), generator=gen, dtype=torch.int32)
@@ -107,8 +107,7 @@ def test_expansion_of_many_clusters_of_every_size(cap_short):
     )
     recent = (seq_lens - recent_start).unsqueeze(1)
     uncut = sink_len.unsqueeze(1) + chosen_sizes.sum(-1) + recent
-    full = int(uncut.max())  # the longest list
-    cap = full - cap_short
+    cap = int(chosen_sizes.sum(-1).max()) - cap_short  # only the chosen part is bounded
     got = expand_selection(selection, index, cap, backend="triton")
     ref = expand_selection(selection, index, cap, backend="torch")
     assert torch.equal(got.lengths(), ref.lengths())
@@ -118,6 +117,7 @@ def test_expansion_of_many_clusters_of_every_size(cap_short):
             listed = min(int(selection.sel_tokens[b, h]), cap)
             assert torch.equal(got.chosen[b, h, :listed], ref.chosen[b, h, :listed]), (b, h)
             assert torch.equal(got.positions(b, h), ref.positions(b, h)), (b, h)
+            assert len(got.positions(b, h)) == int(got.lengths()[b, h])
 
 
 @pytest.mark.parametrize(

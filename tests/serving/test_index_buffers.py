@@ -45,10 +45,24 @@ def test_rows_without_index_are_exact_from_the_sinks_on(generator: torch.Generat
     assert per_row[2].tolist()[0] == CFG.sink_tokens == per_row[2].tolist()[2]
 
 
-def test_overflow_names_the_setting(generator: torch.Generator) -> None:
-    buffers = _buffers(cluster_rows=10)
-    with pytest.raises(RuntimeError, match="MULTIPOLE_INDEX_CAPACITY"):
-        buffers.fill(_indexes((150,), generator), CFG.sink_tokens)
+def test_indexes_that_outgrow_the_buffers_leave_out_the_smallest_that_do_not_fit(
+    generator: torch.Generator,
+) -> None:
+    """No stop on capacity: the largest indexes are packed, a row whose index does not fit gets
+    none (attended exactly), and it is packed again once the batch has room for it."""
+    small, middle, large = _indexes((70, 150, 333), generator)
+    clusters = {id(i): i.levels[0].centroids.shape[1] for i in (small, middle, large)}
+    buffers = _buffers(cluster_rows=clusters[id(large)] + clusters[id(small)] + 1)
+    assert buffers.fill([small, middle, large], CFG.sink_tokens) == [1]
+    assert buffers.packed == (small, None, large)
+    _assert_rows_hold(buffers, [small, None, large])
+    address = buffers.centroids.data_ptr()
+    buffers.centroids[:, 0] = float("nan")  # a repack would overwrite this
+    assert buffers.fill([small, middle, large], CFG.sink_tokens) == [1]  # asked again: nothing moves
+    assert buffers.centroids[:, 0].isnan().all()
+    assert buffers.fill([small, middle], CFG.sink_tokens) == []  # the large one finished
+    _assert_rows_hold(buffers, [small, middle])
+    assert buffers.centroids.data_ptr() == address
 
 
 def test_every_layer_of_stacked_indexes_matches_pack_indices(generator: torch.Generator) -> None:

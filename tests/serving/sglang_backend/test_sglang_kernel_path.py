@@ -4,6 +4,8 @@ kernels there as their torch references.)"""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -85,3 +87,29 @@ def test_decode_graph_replay_metadata_with_padding_rows(monkeypatch: pytest.Monk
         rig.backend.kernels.ints.data_ptr(),
     ) == addresses
     assert len(rig.backend.table) == 2  # padding rows (request row 0 is `short`) built nothing
+
+
+def test_requests_whose_indexes_do_not_fit_decode_exactly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An index capacity too small for the batch (as requests sharing long prefixes make it) does
+    not stop decoding: the largest index that fits is used, the request left out is attended
+    exactly over its whole context, and the log says so once."""
+    # Room for ~245 clustered tokens a layer: the 180-token request's index, not the 333-token one's.
+    set_config(monkeypatch, token_budget=0.1, dense_below=100, decode_path="kernels", index_capacity=0.015)
+    rig = Rig(rows=4)
+    replay = Replay(MultipoleConfig.from_env())
+    short, fits, too_large = (rig.new_request() for _ in range(3))
+    rig.forward([(short, 60), (fits, 180), (too_large, 333)], ForwardMode.EXTEND)
+    with caplog.at_level(logging.WARNING, logger="mp_sglang.serving.kernel_path"):
+        for _ in range(12):
+            out = rig.forward([(short, 1), (fits, 1), (too_large, 1)], ForwardMode.DECODE)
+            for layer in range(LAYERS):
+                q = out.queries[layer]
+                for i, r in ((0, short), (2, too_large)):
+                    dense = dense_attention(q[i], r.keys[layer], r.values[layer])
+                    assert torch.allclose(out.outputs[layer][i], dense, atol=TOL)
+                assert torch.allclose(out.outputs[layer][1], replay.decode(fits, q[1], layer), atol=TOL)
+    warnings = [r for r in caplog.records if "outgrow the index buffers" in r.getMessage()]
+    assert len(warnings) == 1 and "1 of its 2 indexed requests" in warnings[0].getMessage()
+    assert rig.backend.kernels.buffers.left_out == [2]
