@@ -131,7 +131,12 @@ def tasks_path_cmd() -> None:
 @click.option("--judge-model", help="Judge model to launch, or the model name at the judge URL.")
 @click.option("--judge-attention-backend", help="Backend of a launched judge (default: dense).")
 @click.option("--judge-server-args", default="", help="Extra flags for a launched judge server.")
-@click.option("--judge-max-tokens", type=int, default=128, show_default=True)
+@click.option(
+    "--judge-max-tokens",
+    type=int,
+    default=None,
+    help="Tokens per judge reply (default: each task's official setting; another value is not comparable).",
+)
 @click.option(
     "--judge-cache",
     type=click.Path(file_okay=False),

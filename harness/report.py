@@ -16,15 +16,29 @@ from harness import results  # noqa: E402
 from harness.judge import judge_stats  # noqa: E402
 from harness.tasks import get_task  # noqa: E402
 
+# Scores a summary holds: the official protocol's (the headline), then our labelled additions.
+SCORINGS = (
+    ("official", "scores", "correct"),
+    ("judge", "scores_judge", "correct_judge"),
+    ("regex", "scores_regex", "correct_regex"),
+    ("judge, regex fallback", "scores_judge_or_regex", "correct_judge_or_regex"),
+)
+
 
 def summarize(run: results.RunDir) -> dict[str, Any]:
-    """Scores with the judge (regex fallback) and with the regex alone, judge statistics, cost."""
+    """The official score, each labelled alternative the samples allow, whether the headline is
+    comparable with published numbers (and why not), judge statistics, cost."""
     config = run.read_json(results.CONFIG)
     cfg = config["run"]
     utils = get_task(cfg["task"]).utils()
     records = run.samples()
     if not records:
         raise ValueError(f"{run.path}: no finished samples yet")
+    scores = {
+        name: utils.summarize(records, key)
+        for _, name, key in SCORINGS
+        if all(r.get(key) is not None for r in records)
+    }
     return {
         "run_id": run.path.name,
         "task": cfg["task"],
@@ -35,8 +49,8 @@ def summarize(run: results.RunDir) -> dict[str, Any]:
         "data": config["task_metadata"].get("data"),
         "limit": cfg["limit"],
         "samples": len(records),
-        "scores": utils.summarize(records, "correct"),
-        "scores_regex": utils.summarize(records, "correct_regex"),
+        "not_comparable": utils.comparability(config),
+        **scores,
         "judge_stats": judge_stats(records),
         "completion_tokens": sum(r["completion_tokens"] or 0 for r in records),
         "generation_seconds": round(sum(r["seconds"] for r in records), 1),
@@ -54,24 +68,32 @@ def _cell(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def comparability_lines(summaries: list[dict[str, Any]]) -> str:
+    """Per run: is its "official" row the number the benchmark's authors' code would give?"""
+    lines = []
+    for s in summaries:
+        reasons = s.get("not_comparable", [])
+        verdict = "comparable"
+        if reasons:
+            verdict = "**not comparable** with published numbers: " + "; ".join(reasons)
+        lines.append(f"- {label(s)}: official protocol, {verdict}")
+    return "\n".join(lines) + "\n\n"
+
+
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
-    """One table over all runs: per run, rows scored with the judge and with the regex parser."""
+    """One table over all runs: per run, the official score first, then each labelled alternative."""
     rows = []
     for s in summaries:
         utils = get_task(s["task"]).utils()
-        variants = (
-            [("judge", "scores"), ("regex", "scores_regex")]
-            if s["judge"] != "none"
-            else [("regex", "scores")]
-        )
-        for parser, key in variants:
-            rows += [{"run": label(s), "parser": parser, **row} for row in utils.table_rows(s[key])]
+        for scoring, key, _ in SCORINGS:
+            if key in s:
+                rows += [{"run": label(s), "scoring": scoring, **row} for row in utils.table_rows(s[key])]
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return comparability_lines(summaries) + "\n".join(lines) + "\n"
 
 
 def judge_table(summaries: list[dict[str, Any]]) -> str:
@@ -119,7 +141,7 @@ def write_report(run: results.RunDir) -> dict[str, Any]:
 def render(summaries: list[dict[str, Any]]) -> str:
     return (
         markdown_table(summaries)
-        + "\nJudge (answers parsed by the judge model vs. the regex parser):\n\n"
+        + "\nJudge (the judge model's answers vs. the deterministic parser's):\n\n"
         + judge_table(summaries)
     )
 

@@ -57,7 +57,7 @@ class RunConfig:
     judge_model: str | None = None
     judge_attention_backend: str | None = None
     judge_server_args: list[str] = field(default_factory=list)
-    judge_max_tokens: int = 128
+    judge_max_tokens: int | None = None  # None: each task's official length
     judge_cache: str | None = None
     server_timeout_s: float = 900.0
 
@@ -84,7 +84,8 @@ def task_metadata(cfg: RunConfig) -> dict[str, Any]:
         if window is None:
             raise ValueError(f"{cfg.task} truncates prompts to the model's window: give --max-model-len")
         max_gen = int(cfg.gen_kwargs.get("max_gen_toks", spec.default_max_gen_toks))
-        metadata["max_len"] = window - max_gen - CHAT_TEMPLATE_HEADROOM
+        room = window - max_gen - CHAT_TEMPLATE_HEADROOM
+        metadata["max_len"] = min(room, spec.official_max_len) if spec.official_max_len else room
         metadata.setdefault("tokenizer", engine.tokenizer(resolve_model(engine, engine_options(cfg))))
     if metadata.get("max_len") is not None and metadata["max_len"] <= 0:
         raise ValueError(
@@ -118,9 +119,9 @@ def _judge(cfg: RunConfig, target: ChatClient, run: results.RunDir, info: dict[s
         yield None
         return
     cache = Path(cfg.judge_cache) if cfg.judge_cache else run.path.parent / ".judge_cache"
-    params = {**openai_params({"max_gen_toks": cfg.judge_max_tokens, "do_sample": False}), "seed": cfg.seed}
+    base = {"seed": cfg.seed}
     if cfg.judge == "self":
-        yield Judge(target, cache, params)
+        yield Judge(target, cache, base, cfg.judge_max_tokens)
         return
     if cfg.judge == "launch":
         opts = EngineOptions(
@@ -137,10 +138,10 @@ def _judge(cfg: RunConfig, target: ChatClient, run: results.RunDir, info: dict[s
             timeout_s=cfg.server_timeout_s,
             on_launch=lambda cmd: info.__setitem__("judge_command", cmd),
         ) as client:
-            yield Judge(client, cache, params)
+            yield Judge(client, cache, base, cfg.judge_max_tokens)
         return
     client = ChatClient(cfg.judge, model=cfg.judge_model)
-    yield Judge(client, cache, params)
+    yield Judge(client, cache, base, cfg.judge_max_tokens)
 
 
 def _record(

@@ -35,6 +35,7 @@ class TaskSpec:
     default_metadata: dict[str, Any]
     truncates_prompt: bool = False  # needs `tokenizer` and `max_len` metadata (set from the engine)
     default_max_gen_toks: int | None = None  # the YAML's max_gen_toks, for the truncation budget
+    official_max_len: int | None = None  # the official prompt budget, where the window allows it
 
     def utils(self) -> ModuleType:
         return importlib.import_module(self.utils_module)
@@ -45,7 +46,7 @@ TASKS = {
         "gsm-infinite",
         "harness.tasks.gsm_infinite.utils",
         _gsm_infinite_tasks,
-        {"subsets": ["symbolic", "medium", "hard"], "lengths": ["0"]},
+        {"subsets": ["symbolic", "medium", "hard"], "lengths": ["0"], "protocol": "official"},
     ),
     "longbench-v2": TaskSpec(
         "longbench-v2",
@@ -54,6 +55,7 @@ TASKS = {
         {},
         truncates_prompt=True,
         default_max_gen_toks=1024,
+        official_max_len=120_000,
     ),
 }
 

@@ -1,19 +1,27 @@
 """GSM-Infinite (symbolic / medium / hard), following the authors' protocol (Infini-AI-Lab/gsm_infinite).
 
-Protocol:
+Protocol (their config.sh, pred/ and eval_*.py; docs/harness.md maps each rule to the code and test):
   * Data: hub ids ``InfiniAILab/gsm_infinite_{subset}_{length}`` with length in 0, 8k, 16k, 32k, 64k, 128k
     and one split ``ops_{N}`` per operation count. The prompt is the row's ``messages`` (the authors
     ship the finished chat prompt in the data), sent as is.
-  * Medium / hard: the gold answer is the integer after "Answer: " in ``solution``; the model's answer is
-    found by the authors' ordered keyword search ("answer: ", "solution: ", "oxed{", ... "is ") over the
-    lower-cased reply, and must be an integer equal to the gold one. This deterministic parser is the
-    official one; the judge is reported beside it.
-  * Symbolic: the authors have an LLM extract, with their extraction prompt, the variables the reply
-    says equal the queried value; correct when that set equals ``answer_list``. Here that LLM is the
-    judge; a deterministic parser of the reply's conclusion is the fallback.
-  * Scores: accuracy per operation count, and the summary score the authors' leaderboard uses: the area
-    under the accuracy-vs-op curve (trapezoid rule) times 100, per subset and length. Also reported, as
-    in their tables: the first op with accuracy below 50% and below 10%, and mean accuracy for op <= 30.
+  * Selection (metadata ``protocol: official``, the default): symbolic ops 1-50 at 0 context, 1-30 at
+    8k, 1-20 at 16k, 1-10 at 32k, the first 100 rows of each; medium and hard ops 2-30, of each op
+    min(200, rows) split over the template mix (crazy_zootopia 40 % + 40 %, the two others 5 % + 5 %,
+    forward and reverse), the first rows of each. ``protocol: all`` takes every split and row.
+  * Generation: symbolic sampled at temperature 1.0, medium and hard greedy; 4,096 new tokens.
+  * Medium / hard: the gold answer is the integer after "Answer: " in ``solution``; the official score
+    is the authors' ordered keyword search ("answer: ", "solution: ", "oxed{", ... "is ") over the
+    lower-cased reply, which must give an integer equal to the gold one. A judge model's reading is
+    scored beside it, labelled, never as the headline.
+  * Symbolic: an extraction model (officially Qwen/Qwen2.5-7B-Instruct, greedy, 2,048 tokens) lists,
+    with the authors' prompt, the variables the reply (after ``</think>``) says equal the queried
+    value; correct when the set of ``V<digits>`` names in its reply equals ``answer_list``. Here that model
+    is the judge; a run extracted by another model is marked not comparable. A deterministic parser
+    of the reply's conclusion is kept as a labelled extra (and the only one without a judge).
+  * Scores: accuracy per operation count, every sample in the denominator, and the summary score of
+    the authors' leaderboard (app.py): the area under the accuracy-vs-op curve (trapezoid rule over
+    the ops run) times 100, per subset and length. Also reported, as in their tables: the first op
+    with accuracy below 50% and below 10%, and mean accuracy for op <= 30.
 """
 
 from __future__ import annotations
@@ -48,6 +56,24 @@ _KEYWORDS = (
 )
 
 
+# config.sh: the ops run per subset and context length, rows per op, and medium/hard's template mix.
+OFFICIAL_OPS = {
+    "symbolic": {"0": range(1, 51), "8k": range(1, 31), "16k": range(1, 21), "32k": range(1, 11)},
+    **{sub: {length: range(2, 31) for length in ("0", "8k", "16k", "32k")} for sub in ("medium", "hard")},
+}
+OFFICIAL_ROWS_PER_OP = {"symbolic": 100, "medium": 200, "hard": 200}
+TEMPLATE_MIX = (
+    ("crazy_zootopia", "normalforward", 0.4),
+    ("movie_festival_awards", "normalforward", 0.05),
+    ("teachers_in_school", "normalforward", 0.05),
+    ("crazy_zootopia", "forwardreverse", 0.4),
+    ("movie_festival_awards", "forwardreverse", 0.05),
+    ("teachers_in_school", "forwardreverse", 0.05),
+)
+OFFICIAL_EXTRACTOR = "Qwen2.5-7B-Instruct"  # eval_symbolic.py, at temperature 0 with 2,048 tokens
+PROTOCOLS = ("official", "all")
+
+
 def hub_id(subset: str, length: str) -> str:
     return f"InfiniAILab/gsm_infinite_{subset}_{length}"
 
@@ -71,10 +97,38 @@ def _rows(subset: str, length: str, source: str, ops: set[int] | None) -> list[d
     return rows
 
 
+def official_selection(subset: str, length: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the authors' scripts run (module doc): per op, the first rows (symbolic), or the
+    first rows of each template and mode in the mix's shares (medium, hard), of the op's split.
+    Lengths without an official op range (64k, 128k) keep every op."""
+    by_op: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_op[int(row["op"])].append(row)
+    allowed = OFFICIAL_OPS[subset].get(length)
+    chosen = []
+    for op, split in sorted(by_op.items()):
+        if allowed is not None and op not in allowed:
+            continue
+        total = min(OFFICIAL_ROWS_PER_OP[subset], len(split))
+        if subset == "symbolic":
+            chosen += split[:total]
+            continue
+        for template, mode, share in TEMPLATE_MIX:
+            matching = [r for r in split if r.get("template") == template and r.get("mode") == mode]
+            chosen += matching[: int(total * share)]
+    return chosen
+
+
 def load(
-    subset: str, data: str = "auto", lengths: list[str] | str = ("0",), ops: list[int] | None = None, **_: Any
+    subset: str,
+    data: str = "auto",
+    lengths: list[str] | str = ("0",),
+    ops: list[int] | None = None,
+    protocol: str = "official",
+    **_: Any,
 ) -> dict:
-    """lm-eval `custom_dataset`. Metadata keys: `data`, `lengths` (list of 0/8k/...), `ops` (list of ints).
+    """lm-eval `custom_dataset`. Metadata keys: `data`, `lengths` (list of 0/8k/...), `ops` (list of
+    ints, within the protocol's selection), `protocol` (official | all: see the module doc).
 
     Rows are interleaved round-robin over (length, op) so that `--limit N` covers every op and length.
     """
@@ -82,11 +136,16 @@ def load(
     for length in lengths:
         if str(length) not in LENGTHS:
             raise ValueError(f"gsm_infinite: unknown length {length!r}; choose from {', '.join(LENGTHS)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"gsm_infinite: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     source = data_sources.resolve_source(data)
     keyed = []
     for li, length in enumerate(lengths):
         seen: dict[int, int] = defaultdict(int)
-        for row in _rows(subset, str(length), source, set(ops) if ops else None):
+        rows = _rows(subset, str(length), source, set(ops) if ops else None)
+        if protocol == "official":
+            rows = official_selection(subset, str(length), rows)
+        for row in rows:
             rank = seen[row["op"]]
             seen[row["op"]] += 1
             keyed.append(((rank, li, row["op"]), {**row, "subset": subset, "ctx_length": str(length)}))
@@ -229,6 +288,41 @@ def parse_judge_reply(doc: dict[str, Any], reply: str) -> str | None:
         return "" if _NONE.search(reply) else None
     match = re.search(r"-?\d+", reply.replace(",", ""))
     return match.group(0) if match else None
+
+
+def official_parser(doc: dict[str, Any]) -> str:
+    """What the official score reads: the extraction model's reply (symbolic), the keyword search."""
+    return "judge" if doc["subset"] == "symbolic" else "regex"
+
+
+def judge_params(doc: dict[str, Any]) -> dict[str, Any]:
+    """The judge call's settings: the official extraction's for symbolic; ours for the labelled
+    judge column of medium and hard."""
+    return {"max_gen_toks": 2048 if doc["subset"] == "symbolic" else 128, "do_sample": False}
+
+
+def comparability(config: dict[str, Any]) -> list[str]:
+    """Why a run's headline is not the official protocol's number (empty: it is)."""
+    run, metadata = config["run"], config["task_metadata"]
+    reasons = []
+    if metadata.get("protocol", "official") != "official" or metadata.get("ops"):
+        reasons.append("ops or rows differ from the official selection")
+    if run.get("limit"):
+        reasons.append(f"--limit {run['limit']}: part of the official rows")
+    if run.get("gen_kwargs"):
+        reasons.append(f"generation settings changed: {run['gen_kwargs']}")
+    unofficial = [str(n) for n in metadata.get("lengths", []) if str(n) not in OFFICIAL_OPS["medium"]]
+    if unofficial:
+        reasons.append(f"lengths without an official op range: {', '.join(unofficial)}")
+    if "symbolic" in metadata.get("subsets", ["symbolic"]):
+        extractor = config.get("judge_model_served")
+        if run.get("judge") == "none" or extractor is None:
+            reasons.append("symbolic: no extraction model (scored by our deterministic parser)")
+        elif Path(str(extractor)).name != OFFICIAL_EXTRACTOR:
+            reasons.append(f"symbolic: extracted by {extractor}, not {OFFICIAL_EXTRACTOR}")
+        if run.get("judge_max_tokens") not in (None, 2048):
+            reasons.append(f"symbolic: extraction limited to {run['judge_max_tokens']} tokens, not 2048")
+    return reasons
 
 
 def is_correct(doc: dict[str, Any], answer: str | None) -> bool:

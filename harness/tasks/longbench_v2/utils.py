@@ -1,16 +1,23 @@
 """LongBench v2, generative with chain of thought, following the official protocol (THUDM/LongBench, v2).
 
-Protocol, as the official `pred.py --cot` and `result.py` define it:
+Protocol, as the official `pred.py --cot` and `result.py` define it (docs/harness.md maps each rule
+to the code and its test):
   1. The prompt is the official 0-shot CoT template filled with the context, question and choices.
-  2. The whole prompt is truncated in the middle to `max_len` tokens of the target model's tokenizer
-     (first max_len//2 tokens + last max_len - max_len//2 tokens, decoded without special tokens).
+  2. The whole prompt is truncated in the middle to `max_len` tokens of the target model's tokenizer,
+     counted as `encode()` counts them (special tokens included): the first max_len//2 tokens and the
+     last max_len - max_len//2, decoded without special tokens. Officially max_len is 120,000 for
+     128K-context models (config/model2maxlen.json); `mpeval` uses that, or less when the served
+     window leaves less room.
   3. The model writes its reasoning (official: temperature 0.1, 1024 new tokens).
-  4. The answer step sends the official answer template with that reasoning ($COT$) and no context;
-     the reply is parsed with the official pattern "The correct answer is (X)". In `mpeval` this step
-     is the judge's job (by default the target model itself, which is exactly the official set-up).
-  5. Accuracy overall, by difficulty (easy/hard) and by length (short/medium/long); an unparsed
-     answer counts as wrong (the official `compensated=False`).
-Run directly by lm-eval (one generation, no judge), step 4 falls back to parsing the reasoning itself.
+  4. The answer step sends the official answer template with that reasoning ($COT$) and no context
+     (temperature 0.1, 128 new tokens); its reply is parsed with the official pattern "The correct
+     answer is (X)", and when that does not parse the item is wrong. In `mpeval` this step is the
+     judge's job (by default the target model itself, which is exactly the official set-up).
+  5. Accuracy overall, by difficulty (easy/hard) and by length (short/medium/long), in percent; an
+     unparsed answer counts as wrong (the official `compensated=False`), and an item whose reasoning
+     or answer came back empty is left out, as the official script skips it.
+Run directly by lm-eval (one generation, no answer step), the pattern is applied to the reasoning
+itself: those scores are labelled as not comparable (the task's README says so).
 """
 
 from __future__ import annotations
@@ -89,9 +96,14 @@ def load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(spec, trust_remote_code=True)
 
 
+OFFICIAL_MAX_LEN = 120_000  # config/model2maxlen.json, every 128K-context model
+ANSWER_STEP = {"max_gen_toks": 128, "temperature": 0.1, "do_sample": True}  # pred.py, the second call
+
+
 def truncate_middle(text: str, tokenizer, max_len: int) -> str:
-    """Keep the first and last halves of `max_len` tokens, as the official script does."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    """Keep the first and last halves of `max_len` tokens, counted with special tokens as the
+    official script's `tokenizer.encode(prompt)` counts them."""
+    ids = tokenizer.encode(text)
     if len(ids) <= max_len:
         return text
     head = max_len // 2
@@ -147,7 +159,8 @@ def gold(doc: dict[str, Any]) -> str:
 
 
 def regex_answer(doc: dict[str, Any], output: str) -> str | None:
-    """Fallback parse: the official pattern applied to the reasoning itself."""
+    """Our labelled extra (and the only parse without an answer step): the official pattern applied
+    to the reasoning itself."""
     return extract_choice(output.strip())
 
 
@@ -160,6 +173,34 @@ def parse_judge_reply(doc: dict[str, Any], reply: str) -> str | None:
     return extract_choice(reply.strip())
 
 
+def official_parser(doc: dict[str, Any]) -> str:
+    """The official score reads the answer step's reply (the judge's here), with no fallback."""
+    return "judge"
+
+
+def judge_params(doc: dict[str, Any]) -> dict[str, Any]:
+    return dict(ANSWER_STEP)
+
+
+def comparability(config: dict[str, Any]) -> list[str]:
+    """Why a run's headline is not the official protocol's number (empty: it is)."""
+    run, metadata = config["run"], config["task_metadata"]
+    reasons = []
+    if run.get("judge") == "none":
+        reasons.append("no answer step: the pattern is applied to the reasoning itself")
+    elif config.get("judge_model_served") != config.get("served_model"):
+        reasons.append(f"answer step by {config.get('judge_model_served')}, not the target model")
+    if run.get("judge_max_tokens") not in (None, ANSWER_STEP["max_gen_toks"]):
+        reasons.append(f"answer step limited to {run['judge_max_tokens']} tokens, not 128")
+    if run.get("limit"):
+        reasons.append(f"--limit {run['limit']}: part of the data set")
+    if run.get("gen_kwargs"):
+        reasons.append(f"generation settings changed: {run['gen_kwargs']}")
+    if metadata.get("max_len") not in (None, OFFICIAL_MAX_LEN):
+        reasons.append(f"prompts truncated to {metadata['max_len']} tokens, not {OFFICIAL_MAX_LEN}")
+    return reasons
+
+
 def is_correct(doc: dict[str, Any], answer: str | None) -> bool:
     return answer is not None and answer == doc["answer"]
 
@@ -170,8 +211,16 @@ def groups(doc: dict[str, Any]) -> dict[str, str]:
 
 
 def summarize(records: list[dict[str, Any]], key: str = "correct") -> dict[str, Any]:
-    """Official breakdown, in percent rounded to 0.1 as result.py prints it; n per bucket alongside."""
-    out: dict[str, Any] = {"n": len(records), "overall": _pct([r[key] for r in records])}
+    """Official breakdown, in percent rounded to 0.1 as result.py prints it; n per bucket alongside.
+    Items whose reasoning or answer step came back empty are left out (the official script skips
+    them); `n_empty` counts them."""
+    kept = [r for r in records if r["output"] != "" and r.get("judge_reply") != ""]
+    out: dict[str, Any] = {
+        "n": len(kept),
+        "n_empty": len(records) - len(kept),
+        "overall": _pct([r[key] for r in kept]),
+    }
+    records = kept
     for name, (field, value) in BREAKDOWN.items():
         bucket = [r[key] for r in records if r["groups"][field] == value]
         out[name] = _pct(bucket)
