@@ -46,6 +46,7 @@ def summarize(run: results.RunDir) -> dict[str, Any]:
         "model": config.get("served_model") or cfg["model"],
         "attention_backend": cfg["attention_backend"],
         "judge": cfg["judge"],
+        "judge_model": config.get("judge_model_served"),
         "data": config["task_metadata"].get("data"),
         "limit": cfg["limit"],
         "samples": len(records),
@@ -76,7 +77,8 @@ def comparability_lines(summaries: list[dict[str, Any]]) -> str:
         verdict = "comparable"
         if reasons:
             verdict = "**not comparable** with published numbers: " + "; ".join(reasons)
-        lines.append(f"- {label(s)}: official protocol, {verdict}")
+        judged = f" (judge: {s['judge_model']})" if s.get("judge_model") else " (no judge)"
+        lines.append(f"- {label(s)}: official protocol{judged}, {verdict}")
     return "\n".join(lines) + "\n\n"
 
 
