@@ -5,10 +5,17 @@ sglang (>= 0.5.17) calls every function of the entry-point group `sglang.srt.plu
 `sglang serve` and `Engine`, and again in each scheduler (TP/DP worker) process. Installing this
 package is therefore the whole set-up. The backend module itself is imported only when a model
 runner builds the backend, so processes that never attend (tokenizer, detokenizer) stay light.
+
+sglang captures prefill CUDA graphs by default on CUDA; this backend does not (its per-pass index
+upkeep is host work, and prefill is its dense backend's anyway). So the plugin also joins sglang's
+server-argument resolution, where sglang turns graphs off for its own backends that cannot take
+them: for a multipole prefill it turns prefill graphs off, with one log line, and refuses an
+explicit `--cuda-graph-backend-prefill` other than `disabled` at start-up. Decode graphs stay on.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -16,17 +23,86 @@ if TYPE_CHECKING:
 
     from mp_sglang.serving.backend import MultipoleAttnBackend
 
+logger = logging.getLogger(__name__)
+
 BACKEND_NAME = "multipole"
+_DISABLED = "disabled"  # sglang's cuda_graph_config.Backend.DISABLED
+_RESOLUTION_STEP = "handle_attention_backend_compatibility"  # where sglang disables graphs per backend
+_hooked = False
 
 
 def register() -> None:
-    """Entry point: register the backend factory and the CLI choice (idempotent)."""
+    """Entry point: register the backend factory, the CLI choice and the prefill-graph default
+    (idempotent)."""
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
     register_attention_backend(BACKEND_NAME)(create_backend)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
+    _join_argument_resolution()
+
+
+def prefill_graphs_off(prefill_attention: str, prefill_graphs: str, explicit: bool) -> bool:
+    """Whether to turn a server's prefill CUDA graphs off: yes for a multipole prefill that would
+    capture them by default. An explicit request for them is refused, naming the flag."""
+    if prefill_attention != BACKEND_NAME or prefill_graphs == _DISABLED:
+        return False
+    if explicit:
+        raise ValueError(
+            f"--attention-backend {BACKEND_NAME} does not capture prefill CUDA graphs; drop "
+            f"--cuda-graph-backend-prefill {prefill_graphs} (decode CUDA graphs stay on)"
+        )
+    logger.info("%s: prefill CUDA graphs off (prefill runs a dense backend); decode graphs on", BACKEND_NAME)
+    return True
+
+
+def _join_argument_resolution() -> None:
+    """Hook `prefill_graphs_off` into sglang's server-argument resolution: a named resolution step
+    (sglang >= 0.5.23), or the ServerArgs method of the same name through sglang's hook registry
+    (0.5.17)."""
+    global _hooked
+    if _hooked:
+        return
+    _hooked = True
+    try:
+        from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+    except ImportError:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        target = f"sglang.srt.server_args.ServerArgs._{_RESOLUTION_STEP}"
+        HookRegistry.register(target, _after_attention_compatibility, HookType.AFTER)
+        return
+    register_resolution_hook(_RESOLUTION_STEP)(_resolve_attention_compatibility)
+
+
+def _resolve_attention_compatibility(server_args, previous) -> None:
+    """sglang >= 0.5.23: after its own step, declare the prefill graphs off where they must be."""
+    from sglang.srt.arg_groups.overrides import (
+        attention_backends_of,
+        declare_resolution,
+        resolved_view,
+        resolving_view,
+    )
+    from sglang.srt.model_executor.cuda_graph_config import Phase, with_phase
+
+    previous(server_args)
+    config = resolving_view(server_args).cuda_graph_config
+    explicit = (Phase.PREFILL, "backend") in getattr(server_args, "_cuda_graph_config_locked", set())
+    prefill_attention = attention_backends_of(resolved_view(server_args))[0]
+    if prefill_graphs_off(prefill_attention, config.prefill.backend, explicit):
+        declare_resolution(
+            server_args, BACKEND_NAME, cuda_graph_config=with_phase(config, Phase.PREFILL, backend=_DISABLED)
+        )
+
+
+def _after_attention_compatibility(result, server_args):
+    """sglang 0.5.17: the same decision, after `ServerArgs._handle_attention_backend_compatibility`."""
+    config = server_args.cuda_graph_config
+    explicit = ("prefill", "backend") in getattr(server_args, "_cuda_graph_config_locked", set())
+    if prefill_graphs_off(server_args._resolved_attention_backends()[0], config.prefill.backend, explicit):
+        config.prefill.backend = _DISABLED
+    return result
 
 
 def create_backend(runner: ModelRunner) -> MultipoleAttnBackend:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +67,58 @@ def test_fresh_process_gets_backend_from_load_plugins() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "True True"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small Llama config (no weights): enough for sglang to resolve server arguments."""
+    out = tmp_path_factory.mktemp("model")
+    script = Path(__file__).resolve().parents[3] / "scripts" / "make_random_model.py"
+    shape = "--hidden 64 --intermediate 128 --layers 2 --heads 4 --kv-heads 2 --max-pos 4096".split()
+    command = [sys.executable, str(script), "--out", str(out), "--config-only", *shape]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    ("args", "prefill_graphs"),
+    [
+        ({"attention_backend": BACKEND_NAME}, "disabled"),  # the plain command: turned off, logged
+        ({"attention_backend": "triton"}, "breakable"),  # other backends keep sglang's default
+        ({"attention_backend": BACKEND_NAME, "cuda_graph_backend_prefill": "disabled"}, "disabled"),
+    ],
+)
+def test_plain_command_serves_without_prefill_graphs(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    model_dir: str,
+    args: dict,
+    prefill_graphs: str,
+) -> None:
+    """On CUDA sglang captures prefill graphs by default (breakable); with multipole the plugin
+    resolves them off (decode graphs stay as they were), as sglang does for its own backends."""
+    import sglang.srt.model_executor.cuda_graph_config as graph_config
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.server_args import ServerArgs
+
+    _loaded_through_sglang(monkeypatch)
+    monkeypatch.setattr(graph_config, "default_prefill_backend", lambda: graph_config.Backend.BREAKABLE)
+    server_args = ServerArgs(model_path=model_dir, device="cpu", **args)
+    with caplog.at_level(logging.INFO, logger="mp_sglang.serving.plugin"):
+        server_args.resolve_once()
+    config = resolved_view(server_args).cuda_graph_config
+    assert config.prefill.backend == prefill_graphs and config.decode.backend != "disabled"
+    assert ("prefill CUDA graphs off" in caplog.text) == (args == {"attention_backend": BACKEND_NAME})
+
+
+def test_explicit_prefill_graphs_are_refused_at_start_up_naming_the_flag(
+    monkeypatch: pytest.MonkeyPatch, model_dir: str
+) -> None:
+    from sglang.srt.server_args import ServerArgs
+
+    _loaded_through_sglang(monkeypatch)
+    explicit = {"attention_backend": BACKEND_NAME, "cuda_graph_backend_prefill": "breakable"}
+    server_args = ServerArgs(model_path=model_dir, device="cpu", **explicit)
+    with pytest.raises(ValueError, match="drop --cuda-graph-backend-prefill breakable"):
+        server_args.resolve_once()
