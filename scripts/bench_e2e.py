@@ -179,13 +179,28 @@ def _stream_one(base: str, ids: list[int], new_tokens: int, stream: Stream) -> N
     try:
         with urllib.request.urlopen(request, timeout=1800) as resp:
             for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                stream.arrivals.append((time.perf_counter(), int(chunk["meta_info"]["completion_tokens"])))
+                arrived = time.perf_counter()
+                tokens = streamed_tokens(raw)
+                if tokens is not None:
+                    stream.arrivals.append((arrived, tokens))
     except Exception as err:  # reported by _generate with the others
         stream.error = f"{type(err).__name__}: {err}"
+
+
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+
+
+def streamed_tokens(raw: bytes) -> int | None:
+    """Tokens generated so far, from one streamed line of /generate (None for other lines).
+
+    Each chunk repeats the whole text so far, so parsing it as JSON costs O(length) per token,
+    O(n^2) per request: at batch 32 x 16K tokens a threaded Python client then falls behind the
+    server (docs/perf.md, item 26). The count is read from the raw bytes instead (a key with
+    unescaped quotes cannot occur inside a JSON string)."""
+    if not raw.startswith(b"data:") or raw.startswith(b"data: [DONE]"):
+        return None
+    found = _COMPLETION_TOKENS.findall(raw)
+    return int(found[-1]) if found else None
 
 
 def _greedy(base: str, prompt: str, new_tokens: int) -> tuple[list[int], list[tuple[int, float]]]:

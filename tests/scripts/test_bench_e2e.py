@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -136,3 +137,37 @@ def test_server_decode_rate_weighs_windows_by_their_time_and_skips_the_first():
     log = "".join(line.format(n, rate) for n, rate in [(8, 10.0), (8, 2000.0), (8, 1000.0), (3, 500.0)])
     assert bench_e2e.server_decode_rate(log, 8) == round(2 / (1 / 2000 + 1 / 1000), 1)
     assert bench_e2e.server_decode_rate(log, 32) == 0.0
+
+
+def test_streamed_token_counts_come_from_the_raw_chunk_whatever_the_text_says():
+    chunk = b'data: {"text": "say \\"completion_tokens\\": 99", "meta_info": {"completion_tokens": 7}}\n'
+    assert bench_e2e.streamed_tokens(chunk) == 7
+    assert bench_e2e.streamed_tokens(b"data: [DONE]\n") is None and bench_e2e.streamed_tokens(b"\n") is None
+
+
+def test_generate_collects_every_streamed_chunk_from_a_live_server():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Streamer(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for n in range(1, 6):
+                text = "x" * 1000 * n  # every chunk repeats the text so far
+                chunk = {"text": text, "meta_info": {"completion_tokens": n}}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Streamer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        streams = bench_e2e._generate(f"http://127.0.0.1:{server.server_port}", [[1, 2], [3]], 5)
+    finally:
+        server.shutdown()
+    assert [[tokens for _, tokens in s.arrivals] for s in streams] == [[1, 2, 3, 4, 5]] * 2
