@@ -89,15 +89,18 @@ def test_decode_graph_replay_metadata_with_padding_rows(monkeypatch: pytest.Monk
     assert len(rig.backend.table) == 2  # padding rows (request row 0 is `short`) built nothing
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_requests_whose_indexes_do_not_fit_decode_exactly(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, device: str
 ) -> None:
     """An index capacity too small for the batch (as requests sharing long prefixes make it) does
     not stop decoding: the largest index that fits is used, the request left out is attended
-    exactly over its whole context, and the log says so once."""
+    exactly over its whole context, and the log says so once. (CPU: the kernels' torch twins.)"""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
     # Room for ~245 clustered tokens a layer: the 180-token request's index, not the 333-token one's.
     set_config(monkeypatch, token_budget=0.1, dense_below=100, decode_path="kernels", index_capacity=0.015)
-    rig = Rig(rows=4)
+    rig = Rig(rows=4, device=device)
     replay = Replay(MultipoleConfig.from_env())
     short, fits, too_large = (rig.new_request() for _ in range(3))
     rig.forward([(short, 60), (fits, 180), (too_large, 333)], ForwardMode.EXTEND)
