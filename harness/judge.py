@@ -114,6 +114,6 @@ def judge_stats(records: list[dict[str, Any]]) -> dict[str, int]:
         "judge_parsed": sum(r["judge_answer"] is not None for r in judged),
         "headline_unparsed": sum(r["answer"] is None for r in records),
         "disagree_with_regex": sum(r["judge_answer"] != r["regex_answer"] for r in judged),
-        "disagree_on_correctness": sum(r.get("correct_judge") != r["correct_regex"] for r in judged),
+        "disagree_on_correctness": sum(r["correct_judge"] != r["correct_regex"] for r in judged if "correct_judge" in r),
         "from_cache": sum(bool(r["judge_cached"]) for r in judged),
     }
