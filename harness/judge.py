@@ -109,11 +109,12 @@ def parse_output(utils: ModuleType, doc: dict[str, Any], output: str, judge: Jud
 def judge_stats(records: list[dict[str, Any]]) -> dict[str, int]:
     """How often the judge answered, disagreed with the regex, or no headline answer parsed."""
     judged = [r for r in records if r["judge_reply"] is not None]
+    both = [r for r in judged if "correct_judge" in r]  # runs written before the official scoring lack it
     return {
         "judged": len(judged),
         "judge_parsed": sum(r["judge_answer"] is not None for r in judged),
         "headline_unparsed": sum(r["answer"] is None for r in records),
         "disagree_with_regex": sum(r["judge_answer"] != r["regex_answer"] for r in judged),
-        "disagree_on_correctness": sum(r["correct_judge"] != r["correct_regex"] for r in judged if "correct_judge" in r),
+        "disagree_on_correctness": sum(r["correct_judge"] != r["correct_regex"] for r in both),
         "from_cache": sum(bool(r["judge_cached"]) for r in judged),
     }
