@@ -27,7 +27,10 @@ and from the server's own log (its `Decode batch` lines, each the throughput of 
 steps, placed by the context per running request). A second table prints both curves as
 multipole / dense ratios per bucket. `--sglang-client` cross-checks every row with sglang's own
 client, `sglang.bench_one_batch_server --base-url` against the same server right after it (its
-"output throughput", with the same shape of random token ids).
+"output throughput", with the same shape of random token ids). `--profile-contexts C...` profiles
+`--profile-steps` decode steps with sglang's profiler when every request of a batch has reached
+context C, and adds a table of where each step's GPU time went (`server_profile.py`); the profiled
+steps are slower, so use it on runs kept apart from the throughput runs.
 """
 
 from __future__ import annotations
@@ -45,12 +48,14 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import server_profile  # noqa: E402
 
 from harness.server import free_port, launched  # noqa: E402
 
@@ -116,7 +121,9 @@ def main() -> int:
                 samples = []
                 for _ in range(args.samples):
                     log_start = log.stat().st_size
-                    streams = _generate(base, prompts[(context, batch)], args.new_tokens)
+                    profiles = args.log_dir / f"profile-{number}-{name}-{context}x{batch}"
+                    watch = _profiler(base, context, args.profile_contexts, args.profile_steps, profiles)
+                    streams = _generate(base, prompts[(context, batch)], args.new_tokens, watch)
                     row = _row(label, context, batch, args.new_tokens, args.warmup_tokens, streams)
                     row.client_buckets = client_buckets(streams, context, args.bucket_tokens)
                     server_log = _read_from(log, log_start)
@@ -124,6 +131,10 @@ def main() -> int:
                     row.server_decode_tok_s = server_decode_rate(server_log, batch)
                     samples.append(row)
                 row = median_row(samples)
+                if args.profile_contexts:
+                    found = _profile_summaries(profiles, args.profile_contexts, _layers(args.model_path))
+                    result.setdefault("profiles", {})[f"{label} {context}x{batch}"] = found
+                    print(server_profile.table({f"{label} @{k}": v for k, v in found.items()}), flush=True)
                 if args.sglang_client:
                     report = args.log_dir / f"one-batch-{number}-{name}-{context}x{batch}.txt"
                     row.sglang_client_tok_s = sglang_client(base, args, context, batch, report)
@@ -149,13 +160,18 @@ def main() -> int:
 # ---------------------------------------------------------------------- requests
 
 
-def _generate(base: str, prompts: list[list[int]], new_tokens: int) -> list[Stream]:
-    """Send every prompt at once (one thread each) and collect the streamed chunks."""
+def _generate(
+    base: str, prompts: list[list[int]], new_tokens: int, watch: Callable[[list[Stream]], None] | None = None
+) -> list[Stream]:
+    """Send every prompt at once (one thread each) and collect the streamed chunks; `watch`, if
+    given, runs in a thread of its own beside them and sees the streams as they fill."""
     streams = [Stream(sent=0.0) for _ in prompts]
     threads = [
         threading.Thread(target=_stream_one, args=(base, ids, new_tokens, stream))
         for ids, stream in zip(prompts, streams, strict=True)
     ]
+    if watch is not None:
+        threads.append(threading.Thread(target=watch, args=(streams,), daemon=True))
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -272,6 +288,40 @@ def summarize_probes(probes: list[dict]) -> dict:
         "miss_positions": [p["position"] for p in misses],
         "miss_reference_margins": [round(p["reference_margin"], 4) for p in misses],
     }
+
+
+def _profiler(
+    base: str, context: int, targets: list[int], steps: int, out_dir: Path
+) -> Callable[[list[Stream]], None] | None:
+    """A watcher that starts one server profile each time every stream's context (prompt plus
+    tokens so far) reaches the next of `targets`; None when there is nothing to profile."""
+    pending = sorted(t for t in targets if t > context)
+    if not pending:
+        return None
+
+    def watch(streams: list[Stream]) -> None:
+        for target in pending:
+            while min((s.arrivals[-1][1] if s.arrivals else 0) for s in streams) + context < target:
+                if any(s.error for s in streams):
+                    return
+                time.sleep(0.005)
+            server_profile.start(base, str(out_dir), steps, profile_id=f"ctx{target}")
+
+    return watch
+
+
+def _profile_summaries(out_dir: Path, targets: list[int], layers: int) -> dict[int, dict]:
+    """Each profile's summary by its target context (targets whose trace is missing are left out)."""
+    found = {}
+    for target in targets:
+        traces = sorted(out_dir.glob(f"ctx{target}*.trace.json*"))
+        if traces:
+            found[target] = server_profile.summarize(server_profile.read_trace(traces[-1]), layers)
+    return found
+
+
+def _layers(model_path: Path) -> int:
+    return json.loads((model_path / "config.json").read_text())["num_hidden_layers"]
 
 
 def _post(base: str, body: dict) -> dict:
@@ -603,6 +653,10 @@ def _parse() -> argparse.Namespace:
         action="store_true",
         help="also measure every row with sglang.bench_one_batch_server against the same server",
     )
+    ap.add_argument(
+        "--profile-contexts", type=int, nargs="*", default=[], help="profile decode steps at these contexts"
+    )
+    ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--log-dir", type=Path, default=Path("."))

@@ -91,6 +91,7 @@ def main() -> None:
     configs = [(c, b) for c in args.contexts for b in args.batches]
     fi = {"status": "not run"} if args.smoke_cpu else _run_flashinfer_child(configs, args.flashinfer_timeout)
     result["flashinfer"] = fi.get("status", "ok")
+    result["flashinfer_ms"] = {k: v for k, v in fi.items() if k != "status"}
     for ctx, batch in configs:
         need = 2 * batch * ctx * HKV * DIM * 2 * 2.3  # pool + SDPA copy + headroom
         if DEVICE == "cuda" and need > torch.cuda.mem_get_info()[0]:
@@ -381,6 +382,9 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
     s_dense = default_splits(batch, HKV, ctx)
     tri_dense_ms = _time_graph(lambda: merge_partials(*sparse_decode(q, kv, full, s_dense), q.dtype))
     dense_bytes = 2 * batch * ctx * HKV * DIM * 2
+    if ctx < MultipoleConfig().dense_below and mode == "random" and DEVICE == "cuda":
+        sparse_ms = _time_graph(lambda: sparse_decode(q, kv, full, s_dense))
+        result["tiles"].append(_tile_variants(ctx, batch, q, kv, full, s_dense, sparse_ms, "unindexed"))
 
     rows = []
     level = index.levels[0]
@@ -418,7 +422,7 @@ def _bench_config(ctx, batch, mode, budgets, fi_ms, result) -> list[dict]:
                 result["timeline"].append(entry)
                 print(_timeline_line(ctx, batch, timeline, variant), flush=True)
         if frac == 0.02 and ctx == max(CONTEXTS) and batch in (1, 8):
-            result["tiles"].append(_tile_variants(ctx, batch, q, kv, found, s_exact, t["sparse"]))
+            result["tiles"].append(_tile_variants(ctx, batch, q, kv, found.exact, s_exact, t["sparse"]))
             result["tiles"].append(_replace_variants(ctx, batch, found, level, s_apx, t["replace"]))
         exact_tokens = int(found.exact.lengths().sum())
         clusters = int(level.num_clusters.sum()) * HKV
@@ -519,21 +523,24 @@ def _hierarchy_row(ctx, mode, k_pool, v_pool, q) -> dict:
     return row
 
 
-def _tile_variants(ctx, batch, q, kv, found, splits, current_ms) -> dict:
-    """The sparse kernel under other tile shapes (tokens per tile x warps), one pipelining stage,
-    and other split counts (half, double, and whole waves of one program per SM) on the same list."""
-    row = {"ctx": ctx, "batch": batch, "current": dict(sparse_module.SPARSE_TILE), "current_ms": current_ms}
+def _tile_variants(ctx, batch, q, kv, exact, splits, current_ms, tokens="2 % list") -> dict:
+    """The sparse kernel under other tile shapes (tokens per tile x warps), other pipelining
+    depths, and other split counts (half, double, and whole waves of one program per SM) on the
+    same `exact` tokens (`tokens` says which: a 2 % selection, or every token of an unindexed row)."""
+    row = {"ctx": ctx, "batch": batch, "tokens": tokens, "current": dict(sparse_module.SPARSE_TILE)}
+    row |= {"splits": splits, "current_ms": current_ms}
     saved = dict(sparse_module.SPARSE_TILE)
-    for block_n, warps, stages in ((32, 4, 2), (32, 8, 2), (16, 4, 2), (64, 4, 2), (64, 8, 1)):
+    shapes = ((32, 4, 2), (32, 8, 2), (16, 4, 2), (64, 4, 2), (64, 8, 1), (64, 8, 3), (32, 4, 3), (128, 8, 2))
+    for block_n, warps, stages in shapes:
         sparse_module.SPARSE_TILE.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
         row[f"{block_n}x{warps}" + ("" if stages == 2 else f"s{stages}")] = _time_graph(
-            lambda: sparse_decode(q, kv, found.exact, splits)
+            lambda: sparse_decode(q, kv, exact, splits)
         )
     sparse_module.SPARSE_TILE.update(saved)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
-    waves = [w * sms // (batch * HKV) for w in (1, 2)]
+    waves = [w * sms // (batch * HKV) for w in (1, 2, 4)]
     for n in sorted({max(1, int(splits * 0.5)), max(1, int(splits * 2.0)), *(w for w in waves if w)}):
-        row[f"splits={n}"] = _time_graph(lambda: sparse_decode(q, kv, found.exact, n))
+        row[f"splits={n}"] = _time_graph(lambda: sparse_decode(q, kv, exact, n))
     print(json.dumps(row), flush=True)
     return row
 
@@ -648,6 +655,7 @@ def _flashinfer_times(configs) -> dict:
         q = torch.randn(batch, HQ, DIM, device=DEVICE).to(DT)
         try:
             out[f"{ctx}x{batch}"] = _time_graph(lambda: wrapper.run(q, cache))  # noqa: B023
+            out[f"{ctx}x{batch} served"] = _flashinfer_served_ms(flashinfer, ws, ctx, batch, q)
         except RuntimeError:
             import triton.testing
 
@@ -656,6 +664,19 @@ def _flashinfer_times(configs) -> dict:
             )  # noqa: B023
             out["status"] = "ok (no CUDA graph)"
     return out
+
+
+def _flashinfer_served_ms(flashinfer, ws, ctx, batch, q) -> float:
+    """FlashInfer's decode as sglang serves this shape: page size 1 and, for a GQA group of 4 or
+    more, the tensor-core kernel (sglang's `should_use_tensor_core`); faster than the page-16
+    decode kernel above at small contexts and large batches (docs/perf.md, item 27)."""
+    cache = torch.randn(batch * ctx, 2, 1, HKV, DIM, device=DEVICE, dtype=DT)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=HQ // HKV >= 4)
+    indptr = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE) * ctx
+    indices = torch.arange(batch * ctx, dtype=torch.int32, device=DEVICE)
+    last = torch.ones(batch, dtype=torch.int32, device=DEVICE)
+    wrapper.plan(indptr, indices, last, HQ, HKV, DIM, 1, data_type=DT, q_data_type=DT)
+    return _time_graph(lambda: wrapper.run(q, cache))
 
 
 # --------------------------------------------------------------------------- table
@@ -718,9 +739,12 @@ def _print_table(result: dict) -> None:
         print(_timeline_line(r["ctx"], r["batch"], r["kernels"], r.get("variant", "")))
     for r in result["tiles"]:
         print(
-            f"{r.get('kernel', 'sparse')} tile shapes ctx={r['ctx']} B={r['batch']} (now {r['current']}): "
+            f"{r.get('kernel', 'sparse')} tile shapes ctx={r['ctx']} B={r['batch']} {r.get('tokens', '')} "
+            f"(now {r['current']}, {r.get('splits', '-')} splits): "
             + ", ".join(
-                f"{k} {v * 1e3:.1f}us" for k, v in r.items() if k not in ("kernel", "ctx", "batch", "current")
+                f"{k} {v * 1e3:.1f}us"
+                for k, v in r.items()
+                if k.endswith("_ms") or k[0].isdigit() or k.startswith("splits=")
             )
         )
     for r in result["rows"]:
