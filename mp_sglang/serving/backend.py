@@ -80,6 +80,7 @@ class MultipoleAttnBackend(AttentionBackend):
                 logger.warning("multipole: windowed_rope disabled, keys clustered as stored: %s", why_not)
                 self.cfg = replace(self.cfg, windowed_rope=False)
         self.table = IndexTable(self.req_to_token_pool.req_to_token.shape[0])
+        ROW_SETTINGS.listen()
         self._rows: list[MethodRow] = []
         self._all_rows_method = False
         self._last_decode: tuple[tuple[int, int], list[int], list[int]] | None = None

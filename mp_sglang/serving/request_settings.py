@@ -74,14 +74,22 @@ class RowSettings:
     """The setting of the request in each request row, as of the latest batch that listed it.
 
     A row's entry is rewritten whenever a batch lists the row, so a row handed to a new request
-    takes that request's setting at its first pass (its prefill), before it decodes.
+    takes that request's setting at its first pass (its prefill), before it decodes. Nothing is
+    noted until a multipole backend starts in the process (`listen`): servers of other backends
+    pay nothing per batch.
     """
 
     def __init__(self) -> None:
         self._by_row: dict[int, RequestSetting] = {}
+        self.listening = False
+
+    def listen(self) -> None:
+        self.listening = True
 
     def record(self, rows_and_params: Iterable[tuple[int, Any]]) -> None:
         """Note the setting of each (request row, custom_params) of a batch."""
+        if not self.listening:
+            return
         for row, custom_params in rows_and_params:
             setting = setting_of(custom_params)
             if setting is None:

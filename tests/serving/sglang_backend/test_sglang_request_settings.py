@@ -29,8 +29,10 @@ VOCAB = 1000
 
 @pytest.fixture(autouse=True)
 def fresh_row_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows are numbered from 0 in every rig: start each test with none noted."""
+    """Rows are numbered from 0 in every rig: start each test with none noted, as a process
+    without a multipole backend."""
     monkeypatch.setattr(ROW_SETTINGS, "_by_row", {})
+    monkeypatch.setattr(ROW_SETTINGS, "listening", False)
 
 
 def _verify(custom_params: object) -> None:
@@ -96,9 +98,13 @@ def _note_batch(requests: list[Request], custom_params: list[object]) -> None:
 
 def test_hooks_are_applied_and_rows_follow_their_requests() -> None:
     plugin.require_request_hooks()
+    settings = [{"multipole": "dense"}, {"multipole": {"token_budget": 0.05}}, None]
+    rows = [Request(row) for row in range(3)]
+    _note_batch(rows, settings)
+    assert ROW_SETTINGS.get(0) is None  # no multipole backend in this process: nothing noted
     rig = Rig(rows=3)
     a, b, c = (rig.new_request() for _ in range(3))
-    _note_batch([a, b, c], [{"multipole": "dense"}, {"multipole": {"token_budget": 0.05}}, None])
+    _note_batch([a, b, c], settings)
     assert ROW_SETTINGS.get(a.row) == RequestSetting(dense=True)
     assert ROW_SETTINGS.get(b.row) == RequestSetting(token_budget=0.05)
     assert ROW_SETTINGS.get(c.row) is None
