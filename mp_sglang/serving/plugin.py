@@ -105,9 +105,11 @@ def _after_forward_batch(result, cls, batch, *args, **kwargs):
 
 
 def _request_row(req) -> int:
-    """A request's req_to_token row: `req.kv.req_pool_idx` (sglang >= 0.5.23), `req.req_pool_idx`."""
-    kv = getattr(req, "kv", None)
-    return kv.req_pool_idx if kv is not None else req.req_pool_idx
+    """A request's req_to_token row: `req.req_pool_idx` (sglang 0.5.17, whose `req.kv` holds other
+    things), else `req.kv.req_pool_idx` (0.5.23)."""
+    if hasattr(req, "req_pool_idx"):
+        return req.req_pool_idx
+    return req.kv.req_pool_idx
 
 
 def require_request_hooks() -> None:

@@ -88,10 +88,10 @@ def _note_batch(requests: list[Request], custom_params: list[object]) -> None:
     reqs = []
     for request, params in zip(requests, custom_params, strict=True):
         req = Req(f"r{request.row}", "", array("i", [1, 2]), SamplingParams(custom_params=params))
-        if hasattr(req, "kv"):
-            req.kv.req_pool_idx = request.row
-        else:  # sglang 0.5.17
+        if hasattr(req, "req_pool_idx"):  # sglang 0.5.17
             req.req_pool_idx = request.row
+        else:
+            req.kv.req_pool_idx = request.row
         reqs.append(req)
     plugin._after_forward_batch(None, ForwardBatch, SimpleNamespace(reqs=reqs))
 
