@@ -72,9 +72,9 @@ def _join_hooks() -> None:
     global _hooked
     if _hooked:
         return
+    _hooked = True  # a failure below is not retried: it would register the hooks before it twice
     _join_request_path()
     _join_argument_resolution()
-    _hooked = True
 
 
 def _join_request_path() -> None:
