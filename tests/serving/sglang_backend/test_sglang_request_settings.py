@@ -115,17 +115,24 @@ def test_hooks_are_applied_and_rows_follow_their_requests() -> None:
     assert ROW_SETTINGS.get(fresh.row) is None
 
 
-def _mixed_batch(rig: Rig, server_budget: float, own_budget: float, graph_pad: int | None = None) -> None:
-    """Three requests decode in one batch: one dense, one with its own budget, one with the
-    server's; each output matches its own setting."""
+def _mixed_batch(
+    rig: Rig,
+    server_budget: float,
+    own_budget: float,
+    graph_pad: int | None = None,
+    lengths: tuple[int, int, int] = (150, 260, 200),
+    steps: int = 12,
+) -> None:
+    """Three requests of `lengths` decode in one batch: one dense, one with its own budget, one
+    with the server's; each output matches its own setting."""
     cfg = MultipoleConfig.from_env()
     replays = {"own": Replay(replace(cfg, token_budget=own_budget)), "server": Replay(cfg)}
     dense, own, default = (rig.new_request() for _ in range(3))
     requests = [dense, own, default]
     _note_batch(requests, [{"multipole": "dense"}, {"multipole": {"token_budget": own_budget}}, {}])
-    rig.forward([(dense, 150), (own, 260), (default, 200)], ForwardMode.EXTEND)
+    rig.forward(list(zip(requests, lengths, strict=True)), ForwardMode.EXTEND)
     differs = False
-    for step in range(12):
+    for step in range(steps):
         _note_batch(requests, [{"multipole": "dense"}, {"multipole": {"token_budget": own_budget}}, {}])
         pad = None if graph_pad is None else step % (graph_pad + 1)
         out = rig.forward([(r, 1) for r in requests], ForwardMode.DECODE, graph_pad=pad)
@@ -168,7 +175,7 @@ def test_mixed_batch_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     rig = Rig(rows=6, device="cuda", context=4096, kv_slots=8192)
     rig.backend.kernels.kernel_backend = "triton"
     rig.backend.init_cuda_graph_state(max_bs=6, max_num_tokens=6)
-    _mixed_batch(rig, server_budget=0.05, own_budget=0.4, graph_pad=2)
+    _mixed_batch(rig, server_budget=0.05, own_budget=0.4, graph_pad=2, lengths=(2300, 1500, 700))
 
 
 def test_backend_refuses_to_start_without_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,3 +191,11 @@ def test_registration_names_a_hook_target_this_sglang_lacks(monkeypatch: pytest.
     monkeypatch.setattr(plugin, "_BATCH_TARGET", "sglang.srt.model_executor.forward_batch_info.Gone.init_new")
     with pytest.raises(RuntimeError, match="this sglang has no .*Gone.init_new to hook into"):
         plugin._join_request_path()
+
+
+def test_mixed_batch_through_the_triton_kernels_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's kernels (here in Triton's CPU interpreter) take each row's budget from the row."""
+    set_config(monkeypatch, token_budget=0.05, max_request_budget=0.4, decode_path="kernels")
+    rig = Rig(rows=4)
+    rig.backend.kernels.kernel_backend = "triton"
+    _mixed_batch(rig, server_budget=0.05, own_budget=0.4, steps=3)
