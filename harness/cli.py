@@ -119,7 +119,8 @@ def tasks_path_cmd() -> None:
     "--gen_kwargs",
     "gen_kwargs",
     default="",
-    help="lm-eval style: max_gen_toks=256,temperature=0",
+    help="lm-eval style: max_gen_toks=256,temperature=0. multipole=0.05 (a token budget) or "
+    "multipole=dense: that setting for every request, on an sglang multipole server (docs/usage.md).",
 )
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many samples per lm-eval task.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed sent with every request.")

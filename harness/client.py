@@ -31,16 +31,23 @@ _GEN_TO_OPENAI = {
 }
 
 
+# Our own generation argument: a per-request Multipole setting, sent as sglang's custom_params.
+MULTIPOLE_KWARG = "multipole"
+
+
 def openai_params(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Translate lm-eval generation kwargs into OpenAI chat parameters; reject names we cannot honour.
 
     `do_sample=False` means greedy, so it forces temperature 0 whatever `temperature` says.
+    `multipole=0.05` (a token budget) or `multipole=dense` becomes the request's custom_params.
     """
-    unknown = set(gen_kwargs) - set(_GEN_TO_OPENAI) - {"do_sample"}
+    unknown = set(gen_kwargs) - set(_GEN_TO_OPENAI) - {"do_sample", MULTIPOLE_KWARG}
     if unknown:
-        known = ", ".join(["do_sample", *_GEN_TO_OPENAI])
+        known = ", ".join(["do_sample", MULTIPOLE_KWARG, *_GEN_TO_OPENAI])
         raise ValueError(f"unsupported generation argument {sorted(unknown)[0]!r}; known: {known}")
     params = {_GEN_TO_OPENAI[k]: v for k, v in gen_kwargs.items() if k in _GEN_TO_OPENAI}
+    if MULTIPOLE_KWARG in gen_kwargs:
+        params["custom_params"] = {MULTIPOLE_KWARG: _multipole_setting(gen_kwargs[MULTIPOLE_KWARG])}
     if "stop" in params:
         stop = [params["stop"]] if isinstance(params["stop"], str) else list(params["stop"])
         if stop:
@@ -50,6 +57,16 @@ def openai_params(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
     if gen_kwargs.get("do_sample") is False:
         params["temperature"] = 0.0
     return params
+
+
+def _multipole_setting(value: Any) -> str | dict[str, float]:
+    """The per-request setting an sglang multipole server reads (mp_sglang.serving.request_settings);
+    the server checks the budget's range and answers a bad one with HTTP 400."""
+    if value == "dense":
+        return "dense"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"multipole= takes a token budget (a fraction, e.g. 0.05) or dense; got {value!r}")
+    return {"token_budget": float(value)}
 
 
 class ChatClient:

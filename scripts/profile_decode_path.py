@@ -83,7 +83,8 @@ def main() -> None:
     out = torch.empty_like(q)
 
     def plan(seq: int) -> None:
-        decoder.plan([MethodRow(b, b, seq, 0) for b in range(args.batch)], args.batch)
+        budget = decoder.cfg.budget_tokens(seq)
+        decoder.plan([MethodRow(b, b, seq, 0, budget) for b in range(args.batch)], args.batch)
 
     def layers_forward() -> None:
         for layer in layers:

@@ -52,6 +52,9 @@ class MultipoleConfig:
     index_capacity: clustered tokens the kernel path's preallocated index holds per layer, as a
         multiple of the KV pool's slots. 1.0 covers any batch of distinct requests; requests that
         share long prefixes through the radix cache each cluster them, and need more.
+    max_request_budget: the largest `token_budget` (a fraction in [0, 1]) a request may ask for
+        through the API (`custom_params`, serving.request_settings); the kernel path sizes its
+        per-step token list for it, so a larger one costs memory in every decode step.
     """
 
     token_budget: float = 0.02
@@ -72,6 +75,7 @@ class MultipoleConfig:
     decode_path: str = "auto"
     dense_backend: str = "auto"
     index_capacity: float = 1.0
+    max_request_budget: float = 0.1
 
     def __post_init__(self) -> None:
         budget = self.token_budget
@@ -105,6 +109,9 @@ class MultipoleConfig:
         capacity = self.index_capacity
         if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 64:
             raise ValueError(f"index_capacity must be a number in (0, 64]; got {capacity!r}")
+        limit = self.max_request_budget
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit <= 1:
+            raise ValueError(f"max_request_budget must be a fraction in [0, 1]; got {limit!r}")
         multiplier = self.level_budget_multiplier
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier < 1:
             raise ValueError(f"level_budget_multiplier must be a number >= 1; got {multiplier!r}")
@@ -118,9 +125,7 @@ class MultipoleConfig:
 
     def budget_tokens(self, context_len: int) -> int:
         """Exact-attention budget in tokens for a context of `context_len` tokens."""
-        if isinstance(self.token_budget, float) and self.token_budget <= 1:
-            return int(self.token_budget * context_len)
-        return int(self.token_budget)
+        return budget_tokens(self.token_budget, context_len)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +165,14 @@ class MultipoleConfig:
                 )
             values[name] = _parse_env_value(key, raw, types[name])
         return cls.from_dict(values)
+
+
+def budget_tokens(token_budget: float, context_len: int) -> int:
+    """Tokens of a `token_budget` (a float fraction in [0, 1], else a token count) for a context
+    of `context_len` tokens; a request's own budget (always a fraction) follows the same rule."""
+    if isinstance(token_budget, float) and token_budget <= 1:
+        return int(token_budget * context_len)
+    return int(token_budget)
 
 
 def _check_int(cfg: MultipoleConfig, name: str, low: int, high: int) -> None:

@@ -22,6 +22,7 @@ kernels over fixed buffers in the graph); prefill graphs and speculative decodin
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -32,11 +33,12 @@ import torch
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from mp_sglang.method.config import MultipoleConfig
+from mp_sglang.method.config import MultipoleConfig, budget_tokens
 from mp_sglang.method.reference import decode_attention, decode_view
 from mp_sglang.method.rope import Rope
 from mp_sglang.serving.index import IndexTable
 from mp_sglang.serving.kernel_path import KernelDecoder, MethodRow
+from mp_sglang.serving.request_settings import ROW_SETTINGS, RequestSetting
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -78,6 +80,7 @@ class MultipoleAttnBackend(AttentionBackend):
                 logger.warning("multipole: windowed_rope disabled, keys clustered as stored: %s", why_not)
                 self.cfg = replace(self.cfg, windowed_rope=False)
         self.table = IndexTable(self.req_to_token_pool.req_to_token.shape[0])
+        ROW_SETTINGS.listen()
         self._rows: list[MethodRow] = []
         self._all_rows_method = False
         self._last_decode: tuple[tuple[int, int], list[int], list[int]] | None = None
@@ -129,10 +132,12 @@ class MultipoleAttnBackend(AttentionBackend):
         """Retire stale indexes and pick the rows the method answers.
 
         Reference path: DECODE rows and one-token EXTEND/MIXED rows whose context reaches
-        `dense_below`. Kernel path: the same, plus every other DECODE row as a fully exact row
-        (no index), so a DECODE batch never needs the dense kernel. Rows of length <= 1 are CUDA
-        graph padding: exact, no index, and their (dummy) request row is left alone. A row that
-        changed hands since a pass last listed it is not indexed in this pass (`_settled`).
+        `dense_below`, unless their request asked for dense attention; each with its request's
+        budget (`request_settings.ROW_SETTINGS`). Kernel path: the same, plus every other DECODE
+        row as a fully exact row (no index), so a DECODE batch never needs the dense kernel. Rows
+        of length <= 1 are CUDA graph padding: exact, no index, and their (dummy) request row is
+        left alone. A row that changed hands since a pass last listed it is not indexed in this
+        pass (`_settled`).
         """
         pool = self.req_to_token_pool
         self.table.sync(pool.req_generation, pool.free_slots)
@@ -163,14 +168,26 @@ class MultipoleAttnBackend(AttentionBackend):
         generations = pool.req_generation[reqs].tolist()  # one read of the host tensor per pass
         for req, seq_len, n, generation in zip(reqs, seq_lens, new_tokens, generations, strict=True):
             end += n
-            indexed = seq_len > 1 and self._settled(req, generation) and seq_len >= self.cfg.dense_below
+            setting = ROW_SETTINGS.get(req)
+            indexed = (
+                seq_len > 1
+                and self._settled(req, generation)
+                and seq_len >= self.cfg.dense_below
+                and not (setting and setting.dense)
+            )
             if n == 1 and (indexed or exact_rows):
-                self._rows.append(
-                    MethodRow(end - 1, req, seq_len, generation if indexed else -1, indexed=indexed)
-                )
+                budget = self._budget(setting, seq_len) if indexed else 0
+                row = MethodRow(end - 1, req, seq_len, generation if indexed else -1, budget, indexed=indexed)
+                self._rows.append(row)
         self._all_rows_method = mode.is_decode() and len(self._rows) == len(reqs)
         if self.kernels:
             self.kernels.plan(self._rows, end)
+
+    def _budget(self, setting: RequestSetting | None, seq_len: int) -> int:
+        """A row's exact-token budget: its request's own, else the server's."""
+        if setting and setting.token_budget is not None:
+            return budget_tokens(setting.token_budget, seq_len)
+        return self.cfg.budget_tokens(seq_len)
 
     def _settled(self, req: int, generation: int) -> bool:
         """Whether `req`'s row, now at `generation`, held the same request when a pass last listed it.
@@ -301,7 +318,8 @@ class MultipoleAttnBackend(AttentionBackend):
             )
             query = queries[row.query].float() * q_scale
             view = decode_view(index, row.seq_len)
-            outputs[row.query] = decode_attention(query, keys, values, view, self.cfg).to(outputs)
+            cfg = _with_budget(self.cfg, row.budget)
+            outputs[row.query] = decode_attention(query, keys, values, view, cfg).to(outputs)
         return out
 
 
@@ -328,6 +346,12 @@ def _dense_name(setting: str, device: str) -> str:
     if not device.startswith("cuda"):
         return "torch_native"
     return "flashinfer" if importlib.util.find_spec("flashinfer") is not None else "triton"
+
+
+@functools.lru_cache(maxsize=64)
+def _with_budget(cfg: MultipoleConfig, budget: int) -> MultipoleConfig:
+    """`cfg` with a row's budget in tokens (the reference path reads the budget from its config)."""
+    return replace(cfg, token_budget=budget)
 
 
 def _slices_of(keys: torch.Tensor, values: torch.Tensor):

@@ -30,7 +30,7 @@ from mp_kernels.kmeans import solve_batched
 from mp_kernels.kmeans_reference import KMeansResult, KMeansTask, Solver
 from mp_kernels.layout import PagedKV
 from mp_sglang.method.clustering import max_clusters
-from mp_sglang.method.config import MultipoleConfig
+from mp_sglang.method.config import MultipoleConfig, budget_tokens
 from mp_sglang.method.kmeans_tasks import run
 from mp_sglang.method.reference import (
     build_index_steps,
@@ -54,16 +54,19 @@ ALL_LAYERS = -1  # the IndexTable layer key of a request's index over the heads 
 
 @dataclass(frozen=True)
 class MethodRow:
-    """A query the method answers: its row in q, its request row, context length and generation.
+    """A query the method answers: its row in q, its request row, context length, generation and
+    exact-token budget (the server's, or the request's own: serving.request_settings).
 
     `indexed` is False for a row attended exactly in full by the kernels (context below
-    `dense_below`, or a padding row of a CUDA graph): it has no cluster index.
+    `dense_below`, a request that asked for dense attention, or a padding row of a CUDA graph):
+    it has no cluster index, and its budget is 0.
     """
 
     query: int
     req: int
     seq_len: int
     generation: int
+    budget: int
     indexed: bool = True
 
 
@@ -74,16 +77,14 @@ def static_bounds(cfg: MultipoleConfig, context_len: int) -> tuple[int, int]:
 
     Sinks and the recent window are never clustered; the cluster bound sizes the selection's lanes
     (a power of two): at context lengths of 2^k it keeps them at 2^k / 16. Exact tokens: everything
-    below dense_below, else sinks + selected clusters (<= the budget) + a recent window that grows
-    to just under recent_window + update_block.
+    below dense_below, else sinks + selected clusters (<= the server's budget, or the largest a
+    request may ask for) + a recent window that grows to just under recent_window + update_block.
     """
     clusters = max_clusters(
         context_len - cfg.sink_tokens - cfg.recent_window, cfg.tokens_per_cluster, cfg.kmeans_block
     )
-    exact = max(
-        cfg.dense_below,
-        cfg.sink_tokens + cfg.budget_tokens(context_len) + cfg.recent_window + cfg.update_block,
-    )
+    budget = max(cfg.budget_tokens(context_len), budget_tokens(float(cfg.max_request_budget), context_len))
+    exact = max(cfg.dense_below, cfg.sink_tokens + budget + cfg.recent_window + cfg.update_block)
     return clusters, exact
 
 
@@ -198,7 +199,7 @@ class KernelDecoder:
             [row.req for row in rows],
             [row.seq_len for row in rows],
             [min(cfg.sink_tokens, row.seq_len) for row in rows],
-            [cfg.budget_tokens(row.seq_len) if row.indexed else 0 for row in rows],
+            [min(row.budget, self.max_exact) for row in rows],  # the list holds max_exact
         ]
         rotation = None
         if self.rope is not None:

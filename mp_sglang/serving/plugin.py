@@ -11,12 +11,20 @@ upkeep is host work, and prefill is its dense backend's anyway). So the plugin a
 server-argument resolution, where sglang turns graphs off for its own backends that cannot take
 them: for a multipole prefill it turns prefill graphs off, with one log line, and refuses an
 explicit `--cuda-graph-backend-prefill` other than `disabled` at start-up. Decode graphs stay on.
+
+Per-request settings (`request_settings`) take two hooks through sglang's hook registry: after
+`SamplingParams.verify` (a bad setting is a ValueError there, which sglang answers with HTTP 400),
+and after `ForwardBatch.init_new` (which notes each request row's setting for the backend). Their
+targets are resolved at registration, and the backend refuses to start unless both were applied.
 """
 
 from __future__ import annotations
 
 import logging
+import pkgutil
 from typing import TYPE_CHECKING
+
+from mp_sglang.serving.request_settings import ROW_SETTINGS, check_request
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
@@ -28,19 +36,21 @@ logger = logging.getLogger(__name__)
 BACKEND_NAME = "multipole"
 _DISABLED = "disabled"  # sglang's cuda_graph_config.Backend.DISABLED
 _RESOLUTION_STEP = "handle_attention_backend_compatibility"  # where sglang disables graphs per backend
+_VERIFY_TARGET = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
+_BATCH_TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 _hooked = False
 
 
 def register() -> None:
-    """Entry point: register the backend factory, the CLI choice and the prefill-graph default
-    (idempotent)."""
+    """Entry point: register the backend factory, the CLI choice, the prefill-graph default and
+    the per-request settings (idempotent)."""
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
+    _join_hooks()
     register_attention_backend(BACKEND_NAME)(create_backend)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
-    _join_argument_resolution()
 
 
 def prefill_graphs_off(prefill_attention: str, prefill_graphs: str, explicit: bool) -> bool:
@@ -57,14 +67,68 @@ def prefill_graphs_off(prefill_attention: str, prefill_graphs: str, explicit: bo
     return True
 
 
+def _join_hooks() -> None:
+    """Register the plugin's hooks into sglang, once per process."""
+    global _hooked
+    if _hooked:
+        return
+    _hooked = True  # a failure below is not retried: it would register the hooks before it twice
+    _join_request_path()
+    _join_argument_resolution()
+
+
+def _join_request_path() -> None:
+    """Check each request's setting where sglang verifies sampling parameters, and note each
+    request row's setting where a forward batch is made. A target this sglang lacks stops the
+    registration here (so the backend is not offered), naming it."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target in (_VERIFY_TARGET, _BATCH_TARGET):
+        try:
+            pkgutil.resolve_name(target)
+        except (ImportError, AttributeError) as err:
+            raise RuntimeError(f"{BACKEND_NAME}: this sglang has no {target} to hook into ({err})") from err
+    HookRegistry.register(_VERIFY_TARGET, _after_verify, HookType.AFTER)
+    HookRegistry.register(_BATCH_TARGET, _after_forward_batch, HookType.AFTER)
+
+
+def _after_verify(result, sampling_params, *args, **kwargs):
+    """After `SamplingParams.verify`: refuse a malformed per-request setting (HTTP 400)."""
+    check_request(sampling_params.custom_params)
+    return result
+
+
+def _after_forward_batch(result, cls, batch, *args, **kwargs):
+    """After `ForwardBatch.init_new`: note the setting of every request row of the batch."""
+    ROW_SETTINGS.record((_request_row(req), req.sampling_params.custom_params) for req in batch.reqs)
+    return result
+
+
+def _request_row(req) -> int:
+    """A request's req_to_token row: `req.req_pool_idx` (sglang 0.5.17, whose `req.kv` holds other
+    things), else `req.kv.req_pool_idx` (0.5.23)."""
+    if hasattr(req, "req_pool_idx"):
+        return req.req_pool_idx
+    return req.kv.req_pool_idx
+
+
+def require_request_hooks() -> None:
+    """Refuse to start unless sglang applied both per-request hooks (it logs, not raises, when a
+    hook fails to apply)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    missing = [t for t in (_VERIFY_TARGET, _BATCH_TARGET) if t not in HookRegistry._patched]
+    if missing:
+        raise ValueError(
+            f"--attention-backend {BACKEND_NAME}: sglang did not apply the plugin's hooks on {missing} "
+            "(per-request settings need them); is the plugin loaded through sglang.srt.plugins.load_plugins?"
+        )
+
+
 def _join_argument_resolution() -> None:
     """Hook `prefill_graphs_off` into sglang's server-argument resolution: a named resolution step
     (sglang >= 0.5.23), or the ServerArgs method of the same name through sglang's hook registry
     (0.5.17)."""
-    global _hooked
-    if _hooked:
-        return
-    _hooked = True
     try:
         from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
     except ImportError:
@@ -112,4 +176,5 @@ def create_backend(runner: ModelRunner) -> MultipoleAttnBackend:
     """
     from mp_sglang.serving.backend import MultipoleAttnBackend
 
+    require_request_hooks()
     return MultipoleAttnBackend(runner)

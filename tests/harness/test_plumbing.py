@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import click
 import pytest
 
 from harness.cli import auto_engine, parse_gen_kwargs, parse_metadata
-from harness.client import openai_params
+from harness.client import ChatClient, openai_params
 from harness.results import RunDir
 
 
@@ -39,6 +41,44 @@ def test_openai_params_translate_lm_eval_names():
     assert openai_params({"until": "\n\n", "top_p": 0.9}) == {"stop": ["\n\n"], "top_p": 0.9}
     with pytest.raises(ValueError, match="unsupported generation argument 'num_beams'"):
         openai_params({"num_beams": 4})
+
+
+def test_multipole_gen_kwarg_becomes_the_requests_custom_params():
+    """One server evaluates several budgets: `--gen-kwargs multipole=0.05` per run."""
+    assert openai_params(parse_gen_kwargs("max_gen_toks=8,multipole=0.05")) == {
+        "max_tokens": 8,
+        "custom_params": {"multipole": {"token_budget": 0.05}},
+    }
+    assert openai_params(parse_gen_kwargs("multipole=dense")) == {"custom_params": {"multipole": "dense"}}
+    with pytest.raises(ValueError, match="multipole= takes a token budget"):
+        openai_params(parse_gen_kwargs("multipole=sparse"))
+
+
+def test_chat_client_sends_custom_params_at_the_top_of_the_body():
+    """Where sglang's OpenAI request models read it (the openai client's extra_body lands there too)."""
+    bodies = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            reply = json.dumps({"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]})
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(reply.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = ChatClient(f"http://127.0.0.1:{server.server_port}", model="m")
+        params = openai_params(parse_gen_kwargs("multipole=0.05"))
+        assert client.chat([{"role": "user", "content": "hi"}], **params).text == "ok"
+    finally:
+        server.shutdown()
+    assert bodies[0]["custom_params"] == {"multipole": {"token_budget": 0.05}}
 
 
 def test_sample_log_is_append_only_and_survives_a_torn_line(tmp_path):

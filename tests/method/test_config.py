@@ -28,6 +28,8 @@ from mp_sglang.method.config import MultipoleConfig
         ("dense_below", -1),
         ("decode_path", "triton"),
         ("index_capacity", 0),
+        ("max_request_budget", 1.5),
+        ("max_request_budget", -0.1),
     ],
 )
 def test_rejects_bad_values_naming_the_field(field, value):

@@ -10,6 +10,18 @@ from collections.abc import Iterator
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def plugin_loaded() -> None:
+    """Every sglang process loads the plugin through sglang's loader, which applies its hooks;
+    the backend refuses to start without them."""
+    pytest.importorskip("sglang.srt", reason="sglang is not installed (see docs/sglang.md)")
+    from sglang.srt.plugins import load_plugins
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SGLANG_PLUGINS", "multipole")
+        load_plugins()
+
+
 @pytest.fixture
 def published_server_args() -> Iterator[None]:
     """sglang 0.5.17 reads the published server arguments when it builds a RotaryEmbedding."""
