@@ -26,11 +26,11 @@ FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("multipole approx", ("_replace_kernel", "_sums_kernel")),
     ("multipole merge", ("_merge_kernel",)),
     ("multipole upkeep", ("_assign_kernel", "_update_kernel", "_accumulate", "_rotate_kernel", "_add_pairs")),
-    ("flashinfer attention", ("BatchDecode", "BatchPrefill", "flashinfer")),
+    ("dense attention", ("BatchDecode", "BatchPrefill", "MergeStates")),
     ("gemm", ("gemm", "Gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
     ("norm / rope / act / kv write",
-     ("rms", "Rms", "norm", "rope", "Rope", "rotary", "silu", "act_and_mul", "store", "set_kv")),
-    ("sampling / logits", ("sampl", "argmax", "softmax", "topk", "top_k", "logit")),
+     ("RMSNorm", "rms_norm", "rope", "Rope", "rotary", "silu", "act_and_mul", "store_kvcache", "set_kv")),
+    ("sampling / logits", ("ampl", "ArgMax", "argmax", "softmax", "topk", "top_k", "logit")),
 )  # fmt: skip
 
 
@@ -77,7 +77,7 @@ def summarize(events: list[dict], layers: int) -> dict:
     per_family: dict[str, float] = {}
     for e in kernels:
         per_family[family(e["name"])] = per_family.get(family(e["name"]), 0.0) + e["dur"]
-    attention = sum(v for k, v in per_family.items() if k.startswith(("multipole", "flashinfer")))
+    attention = sum(v for k, v in per_family.items() if k.startswith(("multipole", "dense attention")))
     return {
         "steps": steps,
         "graph_launches": len(launches),
@@ -115,7 +115,10 @@ def main() -> None:
     ap.add_argument("traces", type=Path, nargs="+")
     ap.add_argument("--layers", type=int, default=16)
     args = ap.parse_args()
-    summaries = {p.name.split(".trace")[0]: summarize(read_trace(p), args.layers) for p in args.traces}
+    summaries = {
+        f"{p.parent.name}/{p.name.split('.trace')[0]}": summarize(read_trace(p), args.layers)
+        for p in args.traces
+    }
     print(table(summaries))
 
 

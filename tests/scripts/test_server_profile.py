@@ -40,7 +40,7 @@ def test_summary_splits_each_step_by_family_and_counts_overlap_once(tmp_path):
         "multipole exact": 10.0,
         "multipole approx": 10.0,
         "multipole merge": 2.0,
-        "flashinfer attention": 5.0,
+        "dense attention": 5.0,
         "other": 1.0,
     }
     assert summary["attention_us_per_layer"] == (20 + 20 + 4 + 10) / 2 / 2
