@@ -112,6 +112,11 @@ class IndexBuffers:
         self._slots: dict[int, tuple[ClusterIndex, _Slot]] = {}  # by id() of a packed index
         self._end = (0, 0)  # first cluster row and member row no slot holds
 
+    def occupancy(self) -> tuple[int, int]:
+        """Cluster rows and member rows (of `capacity`'s, per layer) that the packed indexes' slots
+        reach, the room each slot keeps for its folds included."""
+        return self._end
+
     def fill(
         self,
         indexes: Sequence[ClusterIndex | None],

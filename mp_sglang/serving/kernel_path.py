@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -50,6 +51,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ALL_LAYERS = -1  # the IndexTable layer key of a request's index over the heads of all layers
+OCCUPANCY_LOG_S = 30.0
+OCCUPANCY_LOG = (  # scripts/soak_serve.py reads it from the server's log
+    "multipole: index buffers reserved %d of %d cluster rows and %d of %d token rows per layer "
+    "(%d indexed requests)"
+)
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,7 @@ class KernelDecoder:
         self.all_queries = False
         self._held: tuple[tuple[int, int, bool], ...] = ()
         self._left_out: list[int] = []  # batch rows the buffers had no room for (`_upkeep`)
+        self._occupancy_logged = float("-inf")
         if self.device.type == "cuda":
             self._compile_upkeep_kernels(heads, dim)
 
@@ -249,6 +256,24 @@ class KernelDecoder:
                 len(indexed),
             )
         self._left_out = left_out
+        self._log_occupancy(len(indexed))
+
+    def _log_occupancy(self, indexed: int) -> None:
+        """How full the index buffers are, at most every OCCUPANCY_LOG_S (a soak reads it from the log)."""
+        now = time.monotonic()
+        if now - self._occupancy_logged < OCCUPANCY_LOG_S:
+            return
+        self._occupancy_logged = now
+        clusters, members = self.buffers.occupancy()
+        cap = self.capacity
+        logger.info(
+            OCCUPANCY_LOG,
+            clusters,
+            cap.cluster_rows,
+            members,
+            cap.member_rows,
+            indexed,
+        )
 
     def _build_missing(self, rows: list[MethodRow]) -> None:
         """Build the stacked index of every row that has none (or one the cache no longer holds)."""

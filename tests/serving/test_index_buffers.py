@@ -32,9 +32,14 @@ def test_fill_matches_pack_indices(generator: torch.Generator) -> None:
     indexes = _indexes((70, 150, 333), generator)
     buffers = _buffers()
     address = buffers.centroids.data_ptr()
+    assert buffers.occupancy() == (0, 0)
     buffers.fill(indexes, CFG.sink_tokens)
     _assert_rows_hold(buffers, indexes)
     assert buffers.centroids.data_ptr() == address
+    # Slots are packed back to back from row 0, each with room to grow.
+    clusters, members = buffers.occupancy()
+    held = [sum(sizes) for sizes in zip(*(buffers._size(i) for i in indexes), strict=True)]
+    assert held[0] <= clusters <= 200 and held[1] <= members <= 800
 
 
 def test_rows_without_index_are_exact_from_the_sinks_on(generator: torch.Generator) -> None:
