@@ -110,7 +110,10 @@ def main() -> int:
             sys.executable, "-m", "sglang.launch_server", "--model-path", str(args.model_path),
             "--attention-backend", name, "--port", str(port), "--disable-radix-cache",
             "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(args.context_length),
-            *(["--load-format", args.load_format] if args.load_format else []), *extra,
+            *(["--load-format", args.load_format] if args.load_format else []),
+            # Each streamed chunk carries only its new text (not the whole text so far, O(n^2) bytes
+            # per request), so the clients keep up at batch 32 x 16K tokens (docs/perf.md, item 27).
+            "--incremental-streaming-output", *extra,
         ]  # fmt: skip
         log = args.log_dir / f"server-{number}-{name}.log"
         started = time.monotonic()
@@ -209,10 +212,9 @@ _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 def streamed_tokens(raw: bytes) -> int | None:
     """Tokens generated so far, from one streamed line of /generate (None for other lines).
 
-    Each chunk repeats the whole text so far, so parsing it as JSON costs O(length) per token,
-    O(n^2) per request: at batch 32 x 16K tokens a threaded Python client then falls behind the
-    server (docs/perf.md, item 26). The count is read from the raw bytes instead (a key with
-    unescaped quotes cannot occur inside a JSON string)."""
+    The count is read from the raw bytes, not by parsing the chunk as JSON (a key with unescaped
+    quotes cannot occur inside a JSON string): without `--incremental-streaming-output` each chunk
+    repeats the whole text so far (docs/perf.md, items 26 and 27)."""
     if not raw.startswith(b"data:") or raw.startswith(b"data: [DONE]"):
         return None
     found = _COMPLETION_TOKENS.findall(raw)
