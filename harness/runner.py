@@ -82,6 +82,19 @@ def model_window(cfg: RunConfig, engine) -> int | None:
     return cfg.max_model_len if cfg.url else engine.context_length(engine_options(cfg))
 
 
+def check_lengths(lengths: Any, window: int | None) -> None:
+    """lm-eval's `max_seq_lengths` (the token lengths synthetic tasks size samples to): positive
+    integers that fit the served window, where it is known."""
+    if not isinstance(lengths, list) or not lengths:
+        raise ValueError(f"max_seq_lengths must be a non-empty list of token counts; got {lengths!r}")
+    bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or n <= 0]
+    if bad:
+        raise ValueError(f"max_seq_lengths must be positive integers; got {bad}")
+    too_long = [n for n in lengths if window is not None and n > window]
+    if too_long:
+        raise ValueError(f"max_seq_lengths {too_long} exceed the model's window of {window} tokens")
+
+
 def task_metadata(cfg: RunConfig) -> dict[str, Any]:
     """lm-eval task metadata: task defaults, then --metadata, then --data, then the settings that
     depend on the model (truncation budget, tokenizer)."""
@@ -98,14 +111,10 @@ def task_metadata(cfg: RunConfig) -> dict[str, Any]:
         metadata["max_len"] = min(room, spec.official_max_len) if spec.official_max_len else room
         metadata.setdefault("tokenizer", engine.tokenizer(resolve_model(engine, engine_options(cfg))))
     if spec.sized_by_tokenizer:
+        check_lengths(metadata.get("max_seq_lengths"), model_window(cfg, engine))
         if "tokenizer" not in metadata:
-            metadata["tokenizer"] = loadable_tokenizer(
-                engine.tokenizer(resolve_model(engine, engine_options(cfg)))
-            )
-        window = model_window(cfg, engine)
-        too_long = [n for n in metadata.get("max_seq_lengths", []) if window is not None and n > window]
-        if too_long:
-            raise ValueError(f"max_seq_lengths {too_long} exceed the model's window of {window} tokens")
+            model = resolve_model(engine, engine_options(cfg))
+            metadata["tokenizer"] = loadable_tokenizer(engine.tokenizer(model))
     if metadata.get("max_len") is not None and metadata["max_len"] <= 0:
         raise ValueError(
             f"prompt budget max_len={metadata['max_len']} <= 0: raise --max-model-len or lower max_gen_toks"

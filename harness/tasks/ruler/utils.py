@@ -24,7 +24,6 @@ DOWNLOAD_TASKS = {
     "ruler_qa_squad": "downloads the SQuAD v2 dev set (rajpurkar.github.io)",
     "ruler_qa_hotpot": "downloads the HotpotQA dev set (huggingface.co)",
 }
-DEFAULT_LENGTHS = (4096,)
 
 
 def requested(metadata: dict[str, Any]) -> list[str]:
@@ -50,14 +49,6 @@ def lm_eval_tasks(metadata: dict[str, Any]) -> list[str]:
 def skipped_tasks(metadata: dict[str, Any]) -> dict[str, str]:
     """Requested tasks that would need a download, each with the reason."""
     return {n: DOWNLOAD_TASKS[n] for n in requested(metadata) if n in DOWNLOAD_TASKS}
-
-
-def lengths(metadata: dict[str, Any]) -> list[int]:
-    """`max_seq_lengths` (lm-eval's metadata key), validated: RULER sizes each sample to these."""
-    values = metadata.get("max_seq_lengths", list(DEFAULT_LENGTHS))
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        raise ValueError(f"ruler: max_seq_lengths must be a list of positive token counts; got {values!r}")
-    return list(values)
 
 
 def resolve_data(data: str) -> str:
