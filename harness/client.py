@@ -89,7 +89,7 @@ class ChatClient:
     def chat(self, messages: list[dict[str, str]], **params: Any) -> Completion:
         """One chat completion; `params` are OpenAI fields (see `openai_params`)."""
         request = {"model": self.model, "messages": messages, **params}
-        if continues_reply(messages):  # SGLang's and vLLM's flags for an assistant prefill
+        if continues_reply(messages):  # SGLang would turn the prefix into a user turn; vLLM needs both
             request.update(continue_final_message=True, add_generation_prompt=False)
         body = self._request("/v1/chat/completions", request)
         try:
