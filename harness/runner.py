@@ -144,12 +144,26 @@ def with_answer_prefix(messages: list[dict[str, str]], task, doc: dict[str, Any]
     return [*messages, {"role": "assistant", "content": prefix}] if prefix else messages
 
 
+def multipole_env() -> dict[str, str]:
+    """Multipole's settings (budget, dense_below, ...): it reads them from the environment, in this
+    process (hf) or in the server it launches."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MULTIPOLE_")}
+
+
 def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
     current = asdict(cfg)
-    changed = [k for k in RESUME_KEYS if saved["run"].get(k) != current.get(k)]
+    changed = [
+        f"{k}: {saved['run'].get(k)!r} -> {current.get(k)!r}"
+        for k in RESUME_KEYS
+        if saved["run"].get(k) != current.get(k)
+    ]
+    saved_env = saved.get("multipole_env", {})  # runs from before it was recorded: none assumed
+    if saved_env != multipole_env():
+        changed.append(f"MULTIPOLE_* environment: {saved_env} -> {multipole_env()}")
     if changed:
-        detail = ", ".join(f"{k}: {saved['run'].get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ValueError(f"--resume needs the same settings as the original run; changed: {detail}")
+        raise ValueError(
+            f"--resume needs the same settings as the original run; changed: {', '.join(changed)}"
+        )
 
 
 @contextlib.contextmanager
@@ -237,8 +251,7 @@ def execute(cfg: RunConfig, run: results.RunDir, resume: bool = False, progress:
         "task_metadata": metadata,
         "lm_eval_tasks": list(tasks),
         "skipped_tasks": skipped,
-        # Multipole reads its settings (budget, dense_below, ...) from here, in-process or in the server.
-        "multipole_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MULTIPOLE_")},
+        "multipole_env": multipole_env(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if resume:

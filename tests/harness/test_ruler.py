@@ -6,6 +6,7 @@ The smoke run is CI's check of the path (item 4 of issue 22), not a score gate: 
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,15 @@ from harness.client import ChatClient
 from harness.engines.hf import TransformersChat
 from harness.report import compare, write_report
 from harness.results import RunDir
-from harness.runner import RunConfig, check_lengths, execute, task_metadata, with_answer_prefix
+from harness.runner import (
+    RunConfig,
+    check_lengths,
+    check_resumable,
+    execute,
+    multipole_env,
+    task_metadata,
+    with_answer_prefix,
+)
 from harness.tasks import get_task
 from harness.tasks.ruler import utils as ruler
 from harness.tasks.tokenizers import loadable_tokenizer
@@ -65,6 +74,16 @@ def test_ruler_is_scored_by_string_match_without_a_judge(tmp_path):
     assert ruler.is_correct(doc, ruler.regex_answer(doc, " 5921848.\n")) == 1.0
     assert ruler.is_correct({"outputs": ["a", "b"]}, "a, c") == 0.5  # lm-eval's string_match_all
     assert ruler.sample_key(doc) == "512/3" and ruler.groups(doc) == {"length": 512}
+
+
+def test_resume_refuses_other_multipole_settings(monkeypatch):
+    cfg = RunConfig(task="ruler", engine="hf", judge="none")
+    monkeypatch.setenv("MULTIPOLE_TOKEN_BUDGET", "0.05")
+    saved = {"run": asdict(cfg), "multipole_env": multipole_env()}
+    check_resumable(saved, cfg)
+    monkeypatch.setenv("MULTIPOLE_TOKEN_BUDGET", "0.01")
+    with pytest.raises(ValueError, match=r"MULTIPOLE_\* environment: .*0\.05.* -> .*0\.01"):
+        check_resumable(saved, cfg)
 
 
 def test_gen_prefix_becomes_the_started_assistant_reply():
