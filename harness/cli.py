@@ -117,7 +117,10 @@ def tasks_path_cmd() -> None:
     "--server-timeout", type=float, default=900.0, show_default=True, help="Seconds to wait for /health."
 )
 @click.option(
-    "--data", default="auto", show_default=True, help="auto | hub | sample | PATH (jsonl/json/parquet)."
+    "--data",
+    default="auto",
+    show_default=True,
+    help="auto | hub | sample | PATH (jsonl/json/parquet); ruler: a folder of prebuilt <task>.jsonl.",
 )
 @click.option(
     "--metadata", "metadata_json", help='Task metadata as JSON, e.g. {"subsets":["medium"],"lengths":["8k"]}.'

@@ -126,6 +126,7 @@ def load_tasks(cfg: RunConfig, metadata: dict[str, Any]) -> dict[str, Any]:
     """lm-eval Task objects for this run, by lm-eval task name, in the benchmark's order."""
     import lm_eval.tasks as lm_eval_tasks
     from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
 
     spec = get_task(cfg.task)
     names = spec.lm_eval_tasks(metadata)
@@ -133,7 +134,12 @@ def load_tasks(cfg: RunConfig, metadata: dict[str, Any]) -> dict[str, Any]:
     manager = TaskManager(
         include_path=[str(tasks_path()), *builtin], include_defaults=False, metadata=metadata
     )
-    loaded = manager.load(names)["tasks"]
+    overrides = spec.task_overrides(metadata)
+    # A task with overrides is loaded as its own YAML's config with them on top (lm-eval's inline form).
+    specs = [
+        {**load_yaml(manager.task_index[n].yaml_path), **overrides[n]} if n in overrides else n for n in names
+    ]
+    loaded = manager.load(specs)["tasks"]
     return {name: loaded[name] for name in names}
 
 

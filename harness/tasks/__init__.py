@@ -31,6 +31,10 @@ def _nothing_skipped(metadata: dict[str, Any]) -> dict[str, str]:
     return {}
 
 
+def _no_overrides(metadata: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {}
+
+
 def _ruler_utils() -> ModuleType:
     return importlib.import_module("harness.tasks.ruler.utils")
 
@@ -58,6 +62,8 @@ class TaskSpec:
     judged: bool = True  # False: scored by string match alone; a judge would only cost time
     resolve_data: Callable[[str], str] = _hub_or_sample  # --data -> what the run records and uses
     skipped_tasks: Callable[[dict[str, Any]], dict[str, str]] = _nothing_skipped  # name -> reason
+    # lm-eval config overrides per task name (e.g. samples read from --data), from the metadata.
+    task_overrides: Callable[[dict[str, Any]], dict[str, dict[str, Any]]] = _no_overrides
 
     def utils(self) -> ModuleType:
         return importlib.import_module(self.utils_module)
@@ -89,6 +95,7 @@ TASKS = {
         judged=False,
         resolve_data=lambda data: _ruler_utils().resolve_data(data),
         skipped_tasks=lambda metadata: _ruler_utils().skipped_tasks(metadata),
+        task_overrides=lambda metadata: _ruler_utils().task_overrides(metadata),
     ),
 }
 

@@ -6,6 +6,7 @@ The smoke run is CI's check of the path (item 4 of issue 22), not a score gate: 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from harness.runner import (
     check_lengths,
     check_resumable,
     execute,
+    load_tasks,
     multipole_env,
     task_metadata,
     with_answer_prefix,
@@ -48,9 +50,47 @@ def test_bad_task_lists_and_data_are_refused_clearly():
         ruler.lm_eval_tasks({"tasks": ["niah_single_9"]})
     with pytest.raises(ValueError, match="none of the requested tasks builds offline"):
         ruler.lm_eval_tasks({"tasks": ["niah_multivalue"]})
-    with pytest.raises(ValueError, match="builds its samples locally"):
+    with pytest.raises(ValueError, match="must be a folder"):
         ruler.resolve_data("sample")
     assert ruler.resolve_data("auto") == "local"
+
+
+def _prebuilt(folder, task: str = "niah_single_2") -> None:
+    rows = [
+        {"index": i, "input": f"The number for k{i} is: 12{i}.", "outputs": [f"12{i}"], "length": 20}
+        | {"max_length": length, "gen_prefix": f"The number for k{i} is"}
+        for i in range(3)
+        for length in (512, 1024)
+    ]
+    (folder / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_data_folder_runs_the_essay_tasks_it_holds(tmp_path):
+    _prebuilt(tmp_path)
+    metadata = {"tasks": ["niah_single_2", "niah_single_3"], "data": ruler.resolve_data(str(tmp_path))}
+    assert ruler.lm_eval_tasks(metadata) == ["niah_single_2"]
+    assert list(ruler.skipped_tasks(metadata)) == ["niah_single_3"]
+    assert list(ruler.task_overrides(metadata)) == ["niah_single_2"]
+    rows = ruler.load_local(tmp_path / "niah_single_2.jsonl", max_seq_lengths=[1024])["test"]
+    assert len(rows) == 3 and set(rows["max_length"]) == {1024}
+    with pytest.raises(ValueError, match="no samples of max_length"):
+        ruler.load_local(tmp_path / "niah_single_2.jsonl", max_seq_lengths=[4096])
+    (tmp_path / "niah_single_3.jsonl").write_text('{"input": "x"}\n')
+    with pytest.raises(ValueError, match="missing"):
+        ruler.load_local(tmp_path / "niah_single_3.jsonl", max_seq_lengths=[512])
+    with pytest.raises(ValueError, match="must be a folder"):
+        ruler.resolve_data(str(tmp_path / "niah_single_2.jsonl"))
+
+
+@pytest.mark.slow
+def test_prebuilt_samples_load_through_the_builtin_task(tmp_path):
+    _prebuilt(tmp_path)
+    metadata = {"tasks": ["niah_single_2"], "max_seq_lengths": [512], "tokenizer": "unused"}
+    cfg = RunConfig(task="ruler", engine="hf", data=str(tmp_path), metadata=metadata, judge="none")
+    task = load_tasks(cfg, task_metadata(cfg))["niah_single_2"]
+    docs = list(task.eval_docs)
+    assert [d["max_length"] for d in docs] == [512] * 3
+    assert task.doc_to_prefix(docs[1]) == "The number for k1 is"
 
 
 def test_lengths_must_be_token_counts_within_the_window():

@@ -4,23 +4,28 @@ lm-eval builds every RULER sample itself, sized with the target model's tokenize
 `tokenizer`) to each length in `max_seq_lengths`; `mpeval` only picks which of its tasks run. Six
 build their haystacks locally; the others fetch data at load time (Paul Graham essays from the
 Hugging Face hub plus nltk's `punkt_tab`, or the SQuAD / HotpotQA dev sets) and are skipped offline,
-each with its reason. A sample's score is lm-eval's `string_match_all`: the fraction of the gold
+each with its reason. An essay task runs from a local copy of its samples, as lm-eval builds them
+(with the same tokenizer), given as `--data FOLDER` holding `<task>.jsonl`. A sample's score is lm-eval's `string_match_all`: the fraction of the gold
 values found in the reply; the report gives it in percent per task and length, as RULER's tables do.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
+from harness.tasks import data as data_sources
+
 OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
-_ESSAYS = "needs the Paul Graham essay haystack (hub: baber/paul_graham_essays) and nltk's punkt_tab"
+ESSAY_TASKS = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
+_ESSAYS = (
+    "needs the Paul Graham essay haystack (hub: baber/paul_graham_essays) and nltk's punkt_tab; "
+    "--data FOLDER with prebuilt <task>.jsonl runs it"
+)
 DOWNLOAD_TASKS = {
-    "niah_single_2": _ESSAYS,
-    "niah_single_3": _ESSAYS,
-    "niah_multikey_1": _ESSAYS,
-    "niah_multivalue": _ESSAYS,
-    "niah_multiquery": _ESSAYS,
+    **dict.fromkeys(ESSAY_TASKS, _ESSAYS),
     "ruler_qa_squad": "downloads the SQuAD v2 dev set (rajpurkar.github.io)",
     "ruler_qa_hotpot": "downloads the HotpotQA dev set (huggingface.co)",
 }
@@ -36,9 +41,20 @@ def requested(metadata: dict[str, Any]) -> list[str]:
     return names
 
 
+def local_file(metadata: dict[str, Any], task: str) -> Path | None:
+    """The prebuilt samples of an essay task in the --data folder, if the folder has them."""
+    if metadata.get("data", "local") == "local" or task not in ESSAY_TASKS:
+        return None
+    try:
+        return data_sources.local_file(Path(metadata["data"]), task)
+    except FileNotFoundError:
+        return None
+
+
 def lm_eval_tasks(metadata: dict[str, Any]) -> list[str]:
-    """The requested tasks that build their data locally; the others are `skipped_tasks`."""
-    runnable = [n for n in requested(metadata) if n in OFFLINE_TASKS]
+    """The requested tasks that build their data here or find it in --data; the others are
+    `skipped_tasks`."""
+    runnable = [n for n in requested(metadata) if n in OFFLINE_TASKS or local_file(metadata, n)]
     if not runnable:
         raise ValueError(
             f"ruler: none of the requested tasks builds offline; skipped: {skipped_tasks(metadata)}"
@@ -47,18 +63,46 @@ def lm_eval_tasks(metadata: dict[str, Any]) -> list[str]:
 
 
 def skipped_tasks(metadata: dict[str, Any]) -> dict[str, str]:
-    """Requested tasks that would need a download, each with the reason."""
-    return {n: DOWNLOAD_TASKS[n] for n in requested(metadata) if n in DOWNLOAD_TASKS}
+    """Requested tasks that would need a download (and have no local copy), each with the reason."""
+    return {
+        n: DOWNLOAD_TASKS[n]
+        for n in requested(metadata)
+        if n in DOWNLOAD_TASKS and local_file(metadata, n) is None
+    }
+
+
+def task_overrides(metadata: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """lm-eval config overrides: tasks found in --data read their samples from there."""
+    return {
+        n: {"custom_dataset": functools.partial(load_local, local_file(metadata, n))}
+        for n in requested(metadata)
+        if local_file(metadata, n)
+    }
+
+
+def load_local(path: Path, max_seq_lengths: list[int] | None = None, **_: Any) -> dict:
+    """lm-eval `custom_dataset` over prebuilt samples (lm-eval's own RULER rows: input, outputs,
+    max_length, gen_prefix, index), keeping the rows of the requested lengths."""
+    rows = data_sources.read_local(path)
+    missing = {"input", "outputs", "max_length", "gen_prefix", "index"} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"{path}: not RULER samples as lm-eval builds them; missing {sorted(missing)}")
+    wanted = set(max_seq_lengths or [])
+    rows = rows.filter(lambda row: row["max_length"] in wanted)
+    if not len(rows):
+        raise ValueError(f"{path}: no samples of max_length in {sorted(wanted)}")
+    return {"test": rows}
 
 
 def resolve_data(data: str) -> str:
-    """RULER builds its data; there is nothing to fetch or point at for the offline tasks."""
-    if data not in ("auto", "local"):
+    """`local` (build the offline tasks here; the default), or a folder of prebuilt essay-task samples."""
+    if data in ("auto", "local"):
+        return "local"
+    if not Path(data).is_dir():
         raise ValueError(
-            f"ruler builds its samples locally from the model's tokenizer: --data {data!r} is not used "
-            "(the tasks that need downloaded data are skipped)"
+            f"ruler: --data must be a folder holding prebuilt samples (<task>.jsonl); got {data!r}"
         )
-    return "local"
+    return data
 
 
 def chat_messages(doc: dict[str, Any], text: str) -> list[dict[str, str]]:
