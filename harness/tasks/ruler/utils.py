@@ -5,8 +5,9 @@ lm-eval builds every RULER sample itself, sized with the target model's tokenize
 build their haystacks locally; the others fetch data at load time (Paul Graham essays from the
 Hugging Face hub plus nltk's `punkt_tab`, or the SQuAD / HotpotQA dev sets) and are skipped offline,
 each with its reason. An essay task runs from a local copy of its samples, as lm-eval builds them
-(with the same tokenizer), given as `--data FOLDER` holding `<task>.jsonl`. A sample's score is lm-eval's `string_match_all`: the fraction of the gold
-values found in the reply; the report gives it in percent per task and length, as RULER's tables do.
+(with the same tokenizer), given as `--data FOLDER` holding `<task>.jsonl`. A sample's score is
+lm-eval's `string_match_all`: the fraction of the gold values found in the reply; the report gives
+it in percent per task and length, as RULER's tables do.
 """
 
 from __future__ import annotations
