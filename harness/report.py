@@ -90,12 +90,12 @@ def comparability_lines(summaries: list[dict[str, Any]]) -> str:
 
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
     """One table over all runs: per run, the official score first, then each labelled alternative
-    that differs from it anywhere (one that agrees everywhere adds a duplicate row, nothing else)."""
+    (a run without a judge has none: each would be the deterministic parse again)."""
     rows = []
     for s in summaries:
         utils = get_task(s["task"]).utils()
         for scoring, key, _ in SCORINGS:
-            if key in s and (key == "scores" or s[key] != s["scores"]):
+            if key in s and (key == "scores" or s["judge"] != "none"):
                 rows += [{"run": label(s), "scoring": scoring, **row} for row in utils.table_rows(s[key])]
     columns: list[str] = []
     for row in rows:
@@ -149,7 +149,7 @@ def write_report(run: results.RunDir) -> dict[str, Any]:
 
 def render(summaries: list[dict[str, Any]]) -> str:
     """The score table, and the judge's statistics where any run had a judge."""
-    if not any(s["judge_stats"]["judged"] for s in summaries):
+    if all(s["judge"] == "none" for s in summaries):
         return markdown_table(summaries)
     return (
         markdown_table(summaries)
