@@ -72,6 +72,14 @@ def auto_engine(attach: bool = False) -> str:
     return "llamacpp" if attach else "hf"
 
 
+def default_judge(task: str, engine: str, attach: bool) -> str:
+    """none for tasks scored by string match; else a launched judge for sglang, the target itself
+    otherwise (hf asks its in-process model, an attached server answers its own outputs)."""
+    if not TASKS[task].judged:
+        return "none"
+    return "launch" if engine == "sglang" and not attach else "self"
+
+
 @click.group()
 def main() -> None:
     """Evaluate Multipole Attention (or any served model) on long-context reasoning benchmarks."""
@@ -109,7 +117,10 @@ def tasks_path_cmd() -> None:
     "--server-timeout", type=float, default=900.0, show_default=True, help="Seconds to wait for /health."
 )
 @click.option(
-    "--data", default="auto", show_default=True, help="auto | hub | sample | PATH (jsonl/json/parquet)."
+    "--data",
+    default="auto",
+    show_default=True,
+    help="auto | hub | sample | PATH (jsonl/json/parquet); ruler: a folder of prebuilt <task>.jsonl.",
 )
 @click.option(
     "--metadata", "metadata_json", help='Task metadata as JSON, e.g. {"subsets":["medium"],"lengths":["8k"]}.'
@@ -127,7 +138,7 @@ def tasks_path_cmd() -> None:
 @click.option(
     "--judge",
     default=None,
-    help="self | none | launch | URL (default: launch for sglang, else self: hf asks its in-process model).",
+    help="self | none | launch | URL (default: none for ruler; launch for sglang, else self).",
 )
 @click.option("--judge-model", help="Judge model to launch, or the model name at the judge URL.")
 @click.option("--judge-attention-backend", help="Backend of a launched judge (default: dense).")
@@ -174,7 +185,7 @@ def run(
         engine=engine,
         metadata=parse_metadata(metadata_json),
         gen_kwargs=parse_gen_kwargs(gen_kwargs),
-        judge=judge or ("launch" if engine == "sglang" and not options["url"] else "self"),
+        judge=judge or default_judge(task, engine, attach=bool(options["url"])),
         server_args=shlex.split(server_args),
         judge_server_args=shlex.split(judge_server_args),
         server_timeout_s=server_timeout,

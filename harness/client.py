@@ -69,6 +69,12 @@ def _multipole_setting(value: Any) -> str | dict[str, float]:
     return {"token_budget": float(value)}
 
 
+def continues_reply(messages: list[dict[str, str]]) -> bool:
+    """A final assistant message is a started reply (a task's answer prefix) to continue, not a
+    finished turn."""
+    return bool(messages) and messages[-1]["role"] == "assistant"
+
+
 class ChatClient:
     """Chat completions against `base_url` (the server root, without /v1)."""
 
@@ -99,7 +105,10 @@ class ChatClient:
 
     def chat(self, messages: list[dict[str, str]], **params: Any) -> Completion:
         """One chat completion; `params` are OpenAI fields (see `openai_params`)."""
-        body = self._request("/v1/chat/completions", {"model": self.model, "messages": messages, **params})
+        request = {"model": self.model, "messages": messages, **params}
+        if continues_reply(messages):  # SGLang would turn the prefix into a user turn; vLLM needs both
+            request.update(continue_final_message=True, add_generation_prompt=False)
+        body = self._request("/v1/chat/completions", request)
         try:
             choice = body["choices"][0]
             usage = body.get("usage") or {}

@@ -51,6 +51,8 @@ def summarize(run: results.RunDir) -> dict[str, Any]:
         "limit": cfg["limit"],
         "samples": len(records),
         "not_comparable": utils.comparability(config),
+        "skipped_tasks": config.get("skipped_tasks", {}),
+        "multipole_env": config.get("multipole_env", {}),
         **scores,
         "judge_stats": judge_stats(records),
         "completion_tokens": sum(r["completion_tokens"] or 0 for r in records),
@@ -79,16 +81,21 @@ def comparability_lines(summaries: list[dict[str, Any]]) -> str:
             verdict = "**not comparable** with published numbers: " + "; ".join(reasons)
         judged = f" (judge: {s['judge_model']})" if s.get("judge_model") else " (no judge)"
         lines.append(f"- {label(s)}: official protocol{judged}, {verdict}")
+        if s.get("multipole_env"):
+            lines.append("  - settings: " + ", ".join(f"{k}={v}" for k, v in s["multipole_env"].items()))
+        for name, reason in s.get("skipped_tasks", {}).items():
+            lines.append(f"  - skipped {name}: {reason}")
     return "\n".join(lines) + "\n\n"
 
 
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
-    """One table over all runs: per run, the official score first, then each labelled alternative."""
+    """One table over all runs: per run, the official score first, then each labelled alternative
+    (a run without a judge has none: each would be the deterministic parse again)."""
     rows = []
     for s in summaries:
         utils = get_task(s["task"]).utils()
         for scoring, key, _ in SCORINGS:
-            if key in s:
+            if key in s and (key == "scores" or s["judge"] != "none"):
                 rows += [{"run": label(s), "scoring": scoring, **row} for row in utils.table_rows(s[key])]
     columns: list[str] = []
     for row in rows:
@@ -141,6 +148,9 @@ def write_report(run: results.RunDir) -> dict[str, Any]:
 
 
 def render(summaries: list[dict[str, Any]]) -> str:
+    """The score table, and the judge's statistics where any run had a judge."""
+    if all(s["judge"] == "none" for s in summaries):
+        return markdown_table(summaries)
     return (
         markdown_table(summaries)
         + "\nJudge (the judge model's answers vs. the deterministic parser's):\n\n"

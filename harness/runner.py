@@ -8,6 +8,8 @@ samples once a whole task is done, while a resumable run must persist each sampl
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,8 +21,10 @@ from harness import results
 from harness.client import ChatClient, openai_params
 from harness.engines import EngineOptions, get_engine, open_endpoint, resolve_model
 from harness.judge import Judge, digest, parse_output
-from harness.tasks import data as data_sources
 from harness.tasks import get_task, tasks_path
+from harness.tasks.tokenizers import loadable_tokenizer
+
+log = logging.getLogger(__name__)
 
 # Fields that must match for --resume to continue a run (anything else, e.g. --limit, may change).
 RESUME_KEYS = (
@@ -72,21 +76,45 @@ def engine_options(cfg: RunConfig) -> EngineOptions:
     )
 
 
+def model_window(cfg: RunConfig, engine) -> int | None:
+    """The served context window: the engine's for a launched one; an attached server's only when
+    --max-model-len gives it."""
+    return cfg.max_model_len if cfg.url else engine.context_length(engine_options(cfg))
+
+
+def check_lengths(lengths: Any, window: int | None) -> None:
+    """lm-eval's `max_seq_lengths` (the token lengths synthetic tasks size samples to): positive
+    integers that fit the served window, where it is known."""
+    if not isinstance(lengths, list) or not lengths:
+        raise ValueError(f"max_seq_lengths must be a non-empty list of token counts; got {lengths!r}")
+    bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or n <= 0]
+    if bad:
+        raise ValueError(f"max_seq_lengths must be positive integers; got {bad}")
+    too_long = [n for n in lengths if window is not None and n > window]
+    if too_long:
+        raise ValueError(f"max_seq_lengths {too_long} exceed the model's window of {window} tokens")
+
+
 def task_metadata(cfg: RunConfig) -> dict[str, Any]:
-    """lm-eval task metadata: task defaults, then --metadata, then --data, then truncation settings."""
+    """lm-eval task metadata: task defaults, then --metadata, then --data, then the settings that
+    depend on the model (truncation budget, tokenizer)."""
     spec = get_task(cfg.task)
     # Resolved once here, so the config records what was used ("auto" becomes "hub" or "sample").
-    metadata = {**spec.default_metadata, **cfg.metadata, "data": data_sources.resolve_source(cfg.data)}
+    metadata = {**spec.default_metadata, **cfg.metadata, "data": spec.resolve_data(cfg.data)}
+    engine = get_engine(cfg.engine)
     if spec.truncates_prompt and "max_len" not in metadata:
-        engine = get_engine(cfg.engine)
-        # An attached server's window is unknown: it must be given; a launched one's is the engine's.
-        window = cfg.max_model_len if cfg.url else engine.context_length(engine_options(cfg))
+        window = model_window(cfg, engine)
         if window is None:
             raise ValueError(f"{cfg.task} truncates prompts to the model's window: give --max-model-len")
         max_gen = int(cfg.gen_kwargs.get("max_gen_toks", spec.default_max_gen_toks))
         room = window - max_gen - CHAT_TEMPLATE_HEADROOM
         metadata["max_len"] = min(room, spec.official_max_len) if spec.official_max_len else room
         metadata.setdefault("tokenizer", engine.tokenizer(resolve_model(engine, engine_options(cfg))))
+    if spec.sized_by_tokenizer:
+        check_lengths(metadata.get("max_seq_lengths"), model_window(cfg, engine))
+        if "tokenizer" not in metadata:
+            model = resolve_model(engine, engine_options(cfg))
+            metadata["tokenizer"] = loadable_tokenizer(engine.tokenizer(model))
     if metadata.get("max_len") is not None and metadata["max_len"] <= 0:
         raise ValueError(
             f"prompt budget max_len={metadata['max_len']} <= 0: raise --max-model-len or lower max_gen_toks"
@@ -96,20 +124,52 @@ def task_metadata(cfg: RunConfig) -> dict[str, Any]:
 
 def load_tasks(cfg: RunConfig, metadata: dict[str, Any]) -> dict[str, Any]:
     """lm-eval Task objects for this run, by lm-eval task name, in the benchmark's order."""
+    import lm_eval.tasks as lm_eval_tasks
     from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
 
-    names = get_task(cfg.task).lm_eval_tasks(metadata)
-    manager = TaskManager(include_path=str(tasks_path()), include_defaults=False, metadata=metadata)
-    loaded = manager.load(names)["tasks"]
+    spec = get_task(cfg.task)
+    names = spec.lm_eval_tasks(metadata)
+    builtin = [str(Path(lm_eval_tasks.__file__).parent / folder) for folder in spec.builtin_folders]
+    manager = TaskManager(
+        include_path=[str(tasks_path()), *builtin], include_defaults=False, metadata=metadata
+    )
+    overrides = spec.task_overrides(metadata)
+    # A task with overrides is loaded as its own YAML's config with them on top (lm-eval's inline form).
+    specs = [
+        {**load_yaml(manager.task_index[n].yaml_path), **overrides[n]} if n in overrides else n for n in names
+    ]
+    loaded = manager.load(specs)["tasks"]
     return {name: loaded[name] for name in names}
+
+
+def with_answer_prefix(messages: list[dict[str, str]], task, doc: dict[str, Any]) -> list[dict[str, str]]:
+    """The task's `gen_prefix` as the assistant's started reply, which the engine continues (lm-eval
+    renders it so in chat mode); the output, and so the score, is the continuation alone."""
+    prefix = task.doc_to_prefix(doc)
+    return [*messages, {"role": "assistant", "content": prefix}] if prefix else messages
+
+
+def multipole_env() -> dict[str, str]:
+    """Multipole's settings (budget, dense_below, ...): it reads them from the environment, in this
+    process (hf) or in the server it launches."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MULTIPOLE_")}
 
 
 def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
     current = asdict(cfg)
-    changed = [k for k in RESUME_KEYS if saved["run"].get(k) != current.get(k)]
+    changed = [
+        f"{k}: {saved['run'].get(k)!r} -> {current.get(k)!r}"
+        for k in RESUME_KEYS
+        if saved["run"].get(k) != current.get(k)
+    ]
+    saved_env = saved.get("multipole_env", {})  # runs from before it was recorded: none assumed
+    if saved_env != multipole_env():
+        changed.append(f"MULTIPOLE_* environment: {saved_env} -> {multipole_env()}")
     if changed:
-        detail = ", ".join(f"{k}: {saved['run'].get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ValueError(f"--resume needs the same settings as the original run; changed: {detail}")
+        raise ValueError(
+            f"--resume needs the same settings as the original run; changed: {', '.join(changed)}"
+        )
 
 
 @contextlib.contextmanager
@@ -175,6 +235,8 @@ def execute(cfg: RunConfig, run: results.RunDir, resume: bool = False, progress:
     """Run (or continue) the evaluation; returns how many samples this call added."""
     spec = get_task(cfg.task)
     utils = spec.utils()
+    if not spec.judged and cfg.judge != "none":
+        raise ValueError(f"{cfg.task} is scored by string match and has no judge step: drop --judge")
     if run.exists() and not resume:
         raise FileExistsError(
             f"{run.path} already holds a run: pass --resume to continue it, or a new --run-id"
@@ -185,12 +247,17 @@ def execute(cfg: RunConfig, run: results.RunDir, resume: bool = False, progress:
         check_resumable(run.read_json(results.CONFIG), cfg)
     run.path.mkdir(parents=True, exist_ok=True)
     metadata = task_metadata(cfg)
+    skipped = spec.skipped_tasks(metadata)
+    for name, reason in skipped.items():
+        log.warning("skipped %s: %s", name, reason)
     tasks = load_tasks(cfg, metadata)
     done = {r["key"] for r in run.samples()}
     info: dict[str, Any] = {
         "run": asdict(cfg),
         "task_metadata": metadata,
         "lm_eval_tasks": list(tasks),
+        "skipped_tasks": skipped,
+        "multipole_env": multipole_env(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if resume:
@@ -223,7 +290,7 @@ def execute(cfg: RunConfig, run: results.RunDir, resume: bool = False, progress:
         bar = tqdm(total=total, initial=len(done), desc=cfg.task, unit="sample", disable=not progress)
         for name, task, index, key, doc in work:
             params = openai_params({**task.config.generation_kwargs, **cfg.gen_kwargs, "seed": cfg.seed})
-            messages = utils.chat_messages(doc, task.doc_to_text(doc))
+            messages = with_answer_prefix(utils.chat_messages(doc, task.doc_to_text(doc)), task, doc)
             start = time.monotonic()
             completion = target.chat(messages, **params)
             parsed = parse_output(utils, doc, completion.text, judge)

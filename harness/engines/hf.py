@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.client import Completion
+from harness.client import Completion, continues_reply
 from harness.engines import EngineOptions
 
 IMPLEMENTATIONS = {None: "sdpa", "sdpa": "sdpa", "multipole": "multipole"}
@@ -81,8 +81,13 @@ class TransformersChat:
 
         if unknown:
             raise ValueError(f"the hf engine does not support {sorted(unknown)}")
+        started = continues_reply(messages)
         inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            messages,
+            add_generation_prompt=not started,
+            continue_final_message=started,
+            return_tensors="pt",
+            return_dict=True,
         )
         limit = max_tokens or DEFAULT_MAX_TOKENS
         sampling = {"do_sample": False}

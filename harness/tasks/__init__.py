@@ -1,4 +1,5 @@
-"""The benchmarks `mpeval` runs: lm-eval task YAMLs in this folder, plus how a CLI name maps onto them.
+"""The benchmarks `mpeval` runs: lm-eval task YAMLs in this folder (or lm-eval's own, for RULER),
+plus how a CLI name maps onto them.
 
 Each task folder's `utils.py` is both lm-eval's hook module (`!function utils.*`) and the scorer the
 runner uses (`sample_key`, `chat_messages`, `regex_answer`, `judge_prompt`, `parse_judge_reply`,
@@ -20,6 +21,24 @@ def tasks_path() -> Path:
     return Path(__file__).parent
 
 
+def _hub_or_sample(data: str) -> str:
+    from harness.tasks import data as data_sources  # imports `datasets`: only when a run starts
+
+    return data_sources.resolve_source(data)
+
+
+def _nothing_skipped(metadata: dict[str, Any]) -> dict[str, str]:
+    return {}
+
+
+def _no_overrides(metadata: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {}
+
+
+def _ruler_utils() -> ModuleType:
+    return importlib.import_module("harness.tasks.ruler.utils")
+
+
 def _gsm_infinite_tasks(metadata: dict[str, Any]) -> list[str]:
     subsets = metadata["subsets"]
     if not subsets or set(subsets) - {"symbolic", "medium", "hard"}:
@@ -36,6 +55,15 @@ class TaskSpec:
     truncates_prompt: bool = False  # needs `tokenizer` and `max_len` metadata (set from the engine)
     default_max_gen_toks: int | None = None  # the YAML's max_gen_toks, for the truncation budget
     official_max_len: int | None = None  # the official prompt budget, where the window allows it
+    # lm-eval's own task folders (under lm_eval/tasks/) indexed beside ours, for builtin tasks.
+    builtin_folders: tuple[str, ...] = ()
+    # The tasks build their samples from the target model's tokenizer (`tokenizer` metadata).
+    sized_by_tokenizer: bool = False
+    judged: bool = True  # False: scored by string match alone; a judge would only cost time
+    resolve_data: Callable[[str], str] = _hub_or_sample  # --data -> what the run records and uses
+    skipped_tasks: Callable[[dict[str, Any]], dict[str, str]] = _nothing_skipped  # name -> reason
+    # lm-eval config overrides per task name (e.g. samples read from --data), from the metadata.
+    task_overrides: Callable[[dict[str, Any]], dict[str, dict[str, Any]]] = _no_overrides
 
     def utils(self) -> ModuleType:
         return importlib.import_module(self.utils_module)
@@ -56,6 +84,18 @@ TASKS = {
         truncates_prompt=True,
         default_max_gen_toks=1024,
         official_max_len=120_000,
+    ),
+    "ruler": TaskSpec(
+        "ruler",
+        "harness.tasks.ruler.utils",
+        lambda metadata: _ruler_utils().lm_eval_tasks(metadata),
+        {"max_seq_lengths": [4096]},
+        builtin_folders=("ruler",),
+        sized_by_tokenizer=True,
+        judged=False,
+        resolve_data=lambda data: _ruler_utils().resolve_data(data),
+        skipped_tasks=lambda metadata: _ruler_utils().skipped_tasks(metadata),
+        task_overrides=lambda metadata: _ruler_utils().task_overrides(metadata),
     ),
 }
 
