@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,6 +140,11 @@ def load_tasks(cfg: RunConfig, metadata: dict[str, Any]) -> dict[str, Any]:
     specs = [
         {**load_yaml(manager.task_index[n].yaml_path), **overrides[n]} if n in overrides else n for n in names
     ]
+    if spec.sized_by_tokenizer:
+        # lm-eval's RULER builders draw needles, keys and positions from Python's global `random`:
+        # seeded, every run (and every --resume) of one seed sees the same documents, so dense and
+        # multipole runs are paired sample by sample.
+        random.seed(cfg.seed)
     loaded = manager.load(specs)["tasks"]
     return {name: loaded[name] for name in names}
 

