@@ -17,6 +17,7 @@ from typing import Any
 ENV_PREFIX = "MULTIPOLE_"
 ENV_CONFIG_FILE = "MULTIPOLE_CONFIG"
 DECODE_PATHS = ("auto", "kernels", "reference")
+UNINDEXED_DECODES = ("dense", "kernels")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class MultipoleConfig:
     max_request_budget: the largest `token_budget` (a fraction in [0, 1]) a request may ask for
         through the API (`custom_params`, serving.request_settings); the kernel path sizes its
         per-step token list for it, so a larger one costs memory in every decode step.
+    unindexed_decode: how the sglang kernel path attends a DECODE batch in which no row has an
+        index (every context below `dense_below`, or every request asked for dense): "dense"
+        through the dense backend's decode kernel (with CUDA graphs, a second graph per batch size
+        is captured for it, serving.dense_graphs), or "kernels" through our exact kernels.
     """
 
     token_budget: float = 0.02
@@ -76,6 +81,7 @@ class MultipoleConfig:
     dense_backend: str = "auto"
     index_capacity: float = 1.0
     max_request_budget: float = 0.1
+    unindexed_decode: str = "dense"
 
     def __post_init__(self) -> None:
         budget = self.token_budget
@@ -106,6 +112,10 @@ class MultipoleConfig:
             raise ValueError(f"decode_path must be one of {DECODE_PATHS}; got {self.decode_path!r}")
         if self.decode_path == "kernels" and self.levels != 1:
             raise ValueError("decode_path=kernels serves flat indexes (levels=1); use decode_path=reference")
+        if self.unindexed_decode not in UNINDEXED_DECODES:
+            raise ValueError(
+                f"unindexed_decode must be one of {UNINDEXED_DECODES}; got {self.unindexed_decode!r}"
+            )
         capacity = self.index_capacity
         if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 64:
             raise ValueError(f"index_capacity must be a number in (0, 64]; got {capacity!r}")

@@ -16,8 +16,12 @@ prefills need no special case: the index of a request is built at its first deco
 over the tokens before it, and folded blockwise (`update_index`) whenever its recent window is
 due (`IndexTable.ensure`); tokens past it are attended exactly.
 
+A DECODE batch without any index (every context below `dense_below`) is the dense backend's
+whole (`unindexed_decode`): its decode kernel reads short contexts faster than our exact kernels.
+
 Decode CUDA graphs are captured on the kernel path (host work in `init_forward_metadata_out_graph`,
-kernels over fixed buffers in the graph); prefill graphs and speculative decoding are refused.
+kernels over fixed buffers in the graph), each with a dense twin for batches without an index
+(`dense_graphs`); prefill graphs and speculative decoding are refused.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from mp_sglang.method.reference import decode_attention, decode_view
 from mp_sglang.method.rope import Rope
 from mp_sglang.serving.index import IndexTable
 from mp_sglang.serving.kernel_path import KernelDecoder, MethodRow
+from mp_sglang.serving.plugin import decode_graph_hooks_applied
 from mp_sglang.serving.request_settings import ROW_SETTINGS, RequestSetting
 
 if TYPE_CHECKING:
@@ -87,6 +92,12 @@ class MultipoleAttnBackend(AttentionBackend):
         # Request row -> its req_generation when a pass last listed it (see `_plan_rows`).
         self._seen_generation: dict[int, int] = {}
         self.kernels: KernelDecoder | None = None
+        # This pass (eager, captured or replayed) is a DECODE batch the dense backend answers whole.
+        self.dense_pass = False
+        # Decode graphs have dense twins (`dense_graphs`); set with the graphs' state. While one is
+        # captured, `capturing_dense` is set by the capture hook.
+        self.dense_graphs = False
+        self.capturing_dense = False
         index_note = ""
         if self.cfg.decodes_with_kernels(runner.device):
             start = getattr(self.kv_pool, "start_layer", 0) or 0
@@ -122,19 +133,22 @@ class MultipoleAttnBackend(AttentionBackend):
     # ------------------------------------------------------------------ metadata
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
-        """Eager passes: prepare the dense backend (unless the kernels answer every row of a DECODE
-        batch), then the method's rows (`_plan_rows`)."""
-        if not (self.kernels and forward_batch.forward_mode.is_decode()):
-            self.dense.init_forward_metadata(forward_batch)
+        """Eager passes: the method's rows (`_plan_rows`), and the dense backend unless the kernels
+        answer every row of a DECODE batch."""
         self._plan_rows(forward_batch)
+        if not (self.kernels and forward_batch.forward_mode.is_decode()) or self.dense_pass:
+            self.dense.init_forward_metadata(forward_batch)
 
-    def _plan_rows(self, forward_batch: ForwardBatch) -> None:
-        """Retire stale indexes and pick the rows the method answers.
+    def _plan_rows(self, forward_batch: ForwardBatch, dense_available: bool = True) -> None:
+        """Retire stale indexes and pick the rows the method answers, or the dense path
+        (`dense_pass`) for a DECODE batch without any index, where it is available.
 
         Reference path: DECODE rows and one-token EXTEND/MIXED rows whose context reaches
         `dense_below`, unless their request asked for dense attention; each with its request's
         budget (`request_settings.ROW_SETTINGS`). Kernel path: the same, plus every other DECODE
-        row as a fully exact row (no index), so a DECODE batch never needs the dense kernel. Rows
+        row as a fully exact row (no index), so a DECODE batch never needs the dense kernel; but a
+        DECODE batch with no indexed row at all is the dense backend's whole (`unindexed_decode`),
+        where `dense_available` (eager passes; graphs with a dense twin). Rows
         of length <= 1 are CUDA graph padding: exact, no index, and their (dummy) request row is
         left alone. A row that changed hands since a pass last listed it is not indexed in this
         pass (`_settled`).
@@ -144,6 +158,7 @@ class MultipoleAttnBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         self._rows = []
         self._all_rows_method = False
+        self.dense_pass = False
         if mode.is_idle():
             if self.kernels:
                 self.kernels.plan([], 0)
@@ -165,6 +180,7 @@ class MultipoleAttnBackend(AttentionBackend):
             )
         exact_rows = self.kernels is not None and mode.is_decode()
         end = 0
+        rows = []
         generations = pool.req_generation[reqs].tolist()  # one read of the host tensor per pass
         for req, seq_len, n, generation in zip(reqs, seq_lens, new_tokens, generations, strict=True):
             end += n
@@ -177,9 +193,17 @@ class MultipoleAttnBackend(AttentionBackend):
             )
             if n == 1 and (indexed or exact_rows):
                 budget = self._budget(setting, seq_len) if indexed else 0
-                row = MethodRow(end - 1, req, seq_len, generation if indexed else -1, budget, indexed=indexed)
-                self._rows.append(row)
-        self._all_rows_method = mode.is_decode() and len(self._rows) == len(reqs)
+                generation_kept = generation if indexed else -1
+                rows.append(MethodRow(end - 1, req, seq_len, generation_kept, budget, indexed=indexed))
+        self.dense_pass = (
+            dense_available
+            and exact_rows
+            and self.cfg.unindexed_decode == "dense"
+            and not any(row.indexed for row in rows)
+        )
+        if not self.dense_pass:
+            self._rows = rows
+            self._all_rows_method = mode.is_decode() and len(rows) == len(reqs)
         if self.kernels:
             self.kernels.plan(self._rows, end)
 
@@ -229,19 +253,37 @@ class MultipoleAttnBackend(AttentionBackend):
     # ------------------------------------------------------------------ CUDA graphs (decode)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        """Decode graphs run only the kernel path over its fixed buffers: nothing more to allocate."""
+        """Decode graphs run the kernel path over its fixed buffers and, in their dense twins, the
+        dense backend's decode over its own graph state (`dense_graphs`)."""
         if self.kernels is None:
             raise NotImplementedError(_NO_CUDA_GRAPHS)
         if max_bs > self.kernels.capacity.rows:
             raise ValueError(
                 f"multipole: CUDA graphs up to batch {max_bs}; the index holds {self.kernels.capacity.rows}"
             )
+        if self.cfg.unindexed_decode != "dense":
+            return
+        why_not = None if decode_graph_hooks_applied() else "sglang's decode graph runner lacks our hooks"
+        if why_not is None:
+            try:
+                self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+            except NotImplementedError:
+                why_not = f"the {self.dense_name} backend has no CUDA graphs"
+        if why_not:
+            logger.info("multipole: %s; in decode graphs, rows without an index use our kernels", why_not)
+            return
+        self.dense_graphs = True
+        logger.info("multipole: decode graphs with a %s twin for batches without an index", self.dense_name)
 
     def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture: bool = False) -> None:
-        """Before capturing or replaying a decode graph: index upkeep and metadata, on the host."""
+        """Before capturing or replaying a decode graph: index upkeep and metadata, on the host.
+        The dense backend is prepared when its twin is captured, and before a replay of it (a
+        batch without an index)."""
         if not forward_batch.forward_mode.is_decode():
             raise NotImplementedError(_NO_PREFILL_GRAPHS)
-        self._plan_rows(forward_batch)
+        self._plan_rows(forward_batch, self.capturing_dense if in_capture else self.dense_graphs)
+        if self.dense_pass:
+            self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return 1
@@ -265,6 +307,10 @@ class MultipoleAttnBackend(AttentionBackend):
         **kwargs,
     ) -> torch.Tensor:
         _check_layer(layer)
+        if self.dense_pass:
+            return self.dense.forward_decode(
+                q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs
+            )
         if self._all_rows_method:
             # Every row is the method's: the dense kernel would be thrown away, only its KV write is kept.
             if save_kv_cache and k is not None:

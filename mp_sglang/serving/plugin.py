@@ -16,6 +16,10 @@ Per-request settings (`request_settings`) take two hooks through sglang's hook r
 `SamplingParams.verify` (a bad setting is a ValueError there, which sglang answers with HTTP 400),
 and after `ForwardBatch.init_new` (which notes each request row's setting for the backend). Their
 targets are resolved at registration, and the backend refuses to start unless both were applied.
+
+Two more hooks join sglang's decode CUDA-graph runner (`dense_graphs`): a dense twin of each
+captured decode graph, replayed for batches without any index. They are optional: on an sglang
+without their targets the backend attends those batches with its own kernels, and says so.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import logging
 import pkgutil
 from typing import TYPE_CHECKING
 
+from mp_sglang.serving import dense_graphs
 from mp_sglang.serving.request_settings import ROW_SETTINGS, check_request
 
 if TYPE_CHECKING:
@@ -75,6 +80,7 @@ def _join_hooks() -> None:
     _hooked = True  # a failure below is not retried: it would register the hooks before it twice
     _join_request_path()
     _join_argument_resolution()
+    _join_decode_graphs()
 
 
 def _join_request_path() -> None:
@@ -123,6 +129,27 @@ def require_request_hooks() -> None:
             f"--attention-backend {BACKEND_NAME}: sglang did not apply the plugin's hooks on {missing} "
             "(per-request settings need them); is the plugin loaded through sglang.srt.plugins.load_plugins?"
         )
+
+
+def _join_decode_graphs() -> None:
+    """Hook the dense twins of decode graphs into sglang's graph runner, where it has the targets."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target in (dense_graphs.CAPTURE_TARGET, dense_graphs.VARIANT_TARGET):
+        try:
+            pkgutil.resolve_name(target)
+        except (ImportError, AttributeError):
+            logger.debug("%s: no %s in this sglang; no dense decode graphs", BACKEND_NAME, target)
+            return
+    HookRegistry.register(dense_graphs.CAPTURE_TARGET, dense_graphs.around_capture_one_shape, HookType.AROUND)
+    HookRegistry.register(dense_graphs.VARIANT_TARGET, dense_graphs.after_resolve_variant, HookType.AFTER)
+
+
+def decode_graph_hooks_applied() -> bool:
+    """Whether sglang applied both dense-graph hooks in this process."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    return all(t in HookRegistry._patched for t in (dense_graphs.CAPTURE_TARGET, dense_graphs.VARIANT_TARGET))
 
 
 def _join_argument_resolution() -> None:

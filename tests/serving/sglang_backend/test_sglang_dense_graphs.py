@@ -1,0 +1,120 @@
+"""DECODE batches without any index go through the dense backend: eagerly, and in CUDA graphs
+through a dense twin of each decode graph (mp_sglang.serving.dense_graphs). The graphs themselves
+need a GPU; here the rig plays the replays (metadata through the out-of-graph hook, then the
+forward the graph recorded) and the hooks run against sglang's own graph runner class."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("sglang.srt", reason="sglang is not installed (see docs/sglang.md)")
+
+from _sglang_rig import LAYERS, Rig, set_config
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+from mp_sglang.method.reference import dense_attention
+from mp_sglang.serving import dense_graphs
+from mp_sglang.serving.plugin import decode_graph_hooks_applied
+
+TOL = 1e-4
+
+
+def _with_dense_twins(monkeypatch: pytest.MonkeyPatch, rig: Rig) -> None:
+    """Graph state as on a GPU, where the dense backend (flashinfer) has CUDA graphs."""
+    monkeypatch.setattr(rig.backend.dense, "init_cuda_graph_state", lambda max_bs, max_num_tokens: None)
+    rig.backend.init_cuda_graph_state(max_bs=rig.req_pool.size, max_num_tokens=rig.req_pool.size)
+
+
+def _decode_and_check(rig: Rig, short, longer, dense_below: int, graph_pad: int | None, expect_dense) -> None:
+    for step in range(15):
+        out = rig.forward([(short, 1), (longer, 1)], ForwardMode.DECODE, graph_pad=graph_pad)
+        indexed = longer.length >= dense_below  # the length this pass decoded at
+        assert rig.backend.dense_pass == expect_dense(indexed), step
+        assert (len(rig.backend._rows) == 2 + (graph_pad or 0)) == (not rig.backend.dense_pass), step
+        for layer in range(LAYERS):
+            q = out.queries[layer]
+            dense = dense_attention(q[0], short.keys[layer], short.values[layer])
+            assert torch.allclose(out.outputs[layer][0], dense, atol=TOL)
+
+
+@pytest.mark.parametrize("unindexed_decode", ["dense", "kernels"])
+def test_an_eager_decode_batch_without_any_index_goes_where_the_setting_says(
+    monkeypatch: pytest.MonkeyPatch, unindexed_decode: str
+) -> None:
+    """Below dense_below no row has an index: the whole batch is the dense backend's (the default)
+    or every row is attended exactly by our kernels. Once a row is indexed, the batch is the
+    method's again. The short request's output is exact either way."""
+    set_config(
+        monkeypatch,
+        token_budget=0.1,
+        dense_below=150,
+        decode_path="kernels",
+        unindexed_decode=unindexed_decode,
+    )
+    rig = Rig()
+    short, longer = rig.new_request(), rig.new_request()
+    rig.forward([(short, 60), (longer, 140)], ForwardMode.EXTEND)
+    _decode_and_check(
+        rig, short, longer, 150, None, lambda indexed: unindexed_decode == "dense" and not indexed
+    )
+
+
+def test_graph_replays_take_the_dense_twin_until_a_row_is_indexed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dense twins captured, a replay of a batch without an index prepares the dense backend
+    and is marked for the twin (padding rows included); from the step a row reaches dense_below, the
+    method's graph. Without twins (a dense backend with no CUDA graphs), replays stay on the kernels."""
+    set_config(monkeypatch, token_budget=0.1, dense_below=150, decode_path="kernels")
+    rig = Rig(rows=6)
+    _with_dense_twins(monkeypatch, rig)
+    assert rig.backend.dense_graphs
+    short, longer = rig.new_request(), rig.new_request()
+    rig.forward([(short, 60), (longer, 140)], ForwardMode.EXTEND)
+    _decode_and_check(rig, short, longer, 150, 2, lambda indexed: not indexed)
+
+    without = Rig(rows=6)
+    without.backend.init_cuda_graph_state(max_bs=6, max_num_tokens=6)  # torch_native: no graphs
+    assert not without.backend.dense_graphs
+    short, longer = without.new_request(), without.new_request()
+    without.forward([(short, 60), (longer, 100)], ForwardMode.EXTEND)
+    _decode_and_check(without, short, longer, 150, 2, lambda indexed: False)
+
+
+def test_capture_records_each_shape_twice_and_replay_picks_by_the_backends_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hooks sglang applied to its decode graph runner: a second capture of every shape under
+    the dense label, with the backend capturing its dense path; at replay, the dense label exactly
+    when the backend prepared the dense path."""
+    assert decode_graph_hooks_applied()
+    set_config(monkeypatch, decode_path="kernels")
+    rig = Rig(rows=6)
+    _with_dense_twins(monkeypatch, rig)
+    runner = SimpleNamespace(attn_backend=rig.backend, record_nolora_graph=False)
+
+    captured = []
+
+    def capture(runner, size, forward, stream_idx, variant_label, *rest):
+        captured.append((size, variant_label, runner.attn_backend.capturing_dense, rest))
+
+    for label in (None, "lora"):
+        dense_graphs.around_capture_one_shape(capture, runner, 8, print, None, label, "attention-variant")
+    assert captured == [
+        (8, None, False, ("attention-variant",)),
+        (8, "multipole-dense", True, ("attention-variant",)),
+        (8, "lora", False, ("attention-variant",)),
+        (8, "lora+multipole-dense", True, ("attention-variant",)),
+    ]
+    assert not rig.backend.capturing_dense
+
+    batch = SimpleNamespace(lora_ids=None)
+    for dense in (True, False):
+        rig.backend.dense_pass = dense
+        expected = "multipole-dense" if dense else None
+        assert DecodeCudaGraphRunner._resolve_lora_variant(runner, batch) == expected
+    rig.backend.dense_graphs = False  # no twins captured: never their label
+    rig.backend.dense_pass = True
+    assert DecodeCudaGraphRunner._resolve_lora_variant(runner, batch) is None
