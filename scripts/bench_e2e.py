@@ -31,6 +31,11 @@ client, `sglang.bench_one_batch_server --base-url` against the same server right
 `--profile-steps` decode steps with sglang's profiler when every request of a batch has reached
 context C, and adds a table of where each step's GPU time went (`server_profile.py`); the profiled
 steps are slower, so use it on runs kept apart from the throughput runs.
+
+The JSON also names the GPU and the attention shape per rank, so that a run of a dense backend
+and `MULTIPOLE_DENSE_BELOW=1024 multipole` over several batch sizes is what
+`python -m mp_sglang.serving.crossover OUT.json` turns into the measured crossover table a
+multipole server reads at start-up (docs/sglang.md).
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ def main() -> int:
     agreement_prompt = args.agreement_prompt.read_text() if args.agreement_prompt else None
     result: dict = {
         "args": vars(args) | {"agreement_prompt": str(args.agreement_prompt)},
+        "device": _device_name(),
+        "attention_shape": attention_shape(args.model_path, backends),
         "rows": [],
         "samples": [],
         "agreement": {},
@@ -588,6 +595,37 @@ def _ratio(row: dict, base: dict, curve: str, bucket) -> str:
 
 def _random_ids(rng: random.Random, length: int, vocab: int) -> list[int]:
     return [rng.randrange(10, vocab) for _ in range(length)]
+
+
+def _device_name() -> str:
+    """The GPU's name as torch reports it (what a server keys its crossover table by)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+    return done.stdout.strip() or "cpu"
+
+
+def attention_shape(model_path: Path, backends: list[tuple[str, str, list[str], dict[str, str]]]) -> dict:
+    """Heads per rank, head size and dtype of the model's attention, as a server of the first
+    multipole backend shards it (`--tp N`, default 1)."""
+    config = json.loads((model_path / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    flags = next((extra for _, name, extra, _ in backends if name == "multipole"), [])
+    tp = 1
+    for flag, value in zip(flags, flags[1:], strict=False):
+        if flag in ("--tp", "--tp-size", "--tensor-parallel-size"):
+            tp = int(value)
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return {"q_heads": heads // tp, "kv_heads": max(1, kv_heads // tp), "head_dim": head_dim, "dtype": dtype}
 
 
 def _backend(spec: str) -> tuple[str, str, list[str], dict[str, str]]:

@@ -4,6 +4,8 @@
 python scripts/bench_fidelity.py --out results/fidelity.json
 # SmolLM2 decoding greedily: token agreement, first divergence, KL of next-token distributions
 python scripts/bench_fidelity.py --mode greedy --greedy-steps 1000 --out results/greedy.json
+# the same with other method settings (any MultipoleConfig field)
+python scripts/bench_fidelity.py --mode greedy --set update_block=512 --out results/greedy_ub512.json
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def synthetic_layer(seq: int, generator: torch.Generator) -> LayerActivations:
 @click.option("--decode-steps", default=32, show_default=True, help="Tokens replayed as decode steps.")
 @click.option("--synthetic-len", default=16384, show_default=True, help="Context of the synthetic case.")
 @click.option("--layer-stride", default=2, show_default=True, help="Evaluate every N-th SmolLM2 layer.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Greedy mode: a MultipoleConfig setting for the multipole runs (repeatable).",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("results/fidelity.json"))
 def main(
     mode: str,
@@ -52,17 +61,37 @@ def main(
     decode_steps: int,
     synthetic_len: int,
     layer_stride: int,
+    overrides: tuple[str, ...],
     out: Path,
 ) -> None:
     budget_list = [float(b) for b in budgets.split(",")]
     if mode == "greedy":
-        greedy(budget_list, greedy_steps, out)
+        greedy(budget_list, greedy_steps, _settings(overrides), out)
     else:
         activations(budget_list, decode_steps, synthetic_len, layer_stride, out)
 
 
-def greedy(budgets: list[float], steps: int, out: Path) -> None:
-    """SmolLM2 on the shipped text plus a question; the index is forced on (dense_below=0)."""
+def _settings(overrides: tuple[str, ...]) -> dict[str, object]:
+    """`--set FIELD=VALUE` pairs as config values (JSON where it parses: numbers, booleans)."""
+    settings: dict[str, object] = {}
+    for pair in overrides:
+        field, sep, raw = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not FIELD=VALUE", param_hint="--set")
+        try:
+            settings[field] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[field] = raw
+    try:
+        MultipoleConfig.from_dict(settings)
+    except (TypeError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint="--set") from err
+    return settings
+
+
+def greedy(budgets: list[float], steps: int, overrides: dict[str, object], out: Path) -> None:
+    """SmolLM2 on the shipped text plus a question; the index is forced on (dense_below=0) unless
+    `overrides` says otherwise."""
     from mp_sglang.tools.agreement import dense_greedy, teacher_forced_agreement
     from mp_sglang.tools.bundled_model import load_smollm2
 
@@ -78,9 +107,11 @@ def greedy(budgets: list[float], steps: int, out: Path) -> None:
     tokens, dense_logits = dense_greedy(model, input_ids, steps)
     rows = []
     for budget in budgets:
-        settings = {"token_budget": budget, "dense_below": 0}
+        settings = {"token_budget": budget, "dense_below": 0, **overrides}
         result = teacher_forced_agreement(model, input_ids, tokens, dense_logits, settings)
-        rows.append({"budget": budget, "prompt_tokens": input_ids.shape[1], **result.__dict__})
+        rows.append(
+            {"budget": budget, "prompt_tokens": input_ids.shape[1], "settings": settings, **result.__dict__}
+        )
         click.echo(f"budget={budget}: {result}", err=True)
     _write(out, rows, started)
     table = [

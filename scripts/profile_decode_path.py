@@ -14,7 +14,8 @@ rest; the memory the index table holds per request after the builds is reported 
 `--compare-upkeep`, the first step and the fold are timed again on fresh indexes with the index
 k-means solved task by task (`kmeans_reference.solve_each`) instead of batched, side by side.
 `--server-context N` sizes the decoder's static bounds as a server of N tokens does
-(`kernel_path.static_bounds`) instead of for this context.
+(`kernel_path.static_bounds`) instead of for this context. Other settings come from `MULTIPOLE_*`
+variables, as a server reads them (e.g. MULTIPOLE_UPDATE_BLOCK=512).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,7 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    cfg = MultipoleConfig(token_budget=args.budget)
+    cfg = replace(MultipoleConfig.from_env(), token_budget=args.budget)  # MULTIPOLE_* as a server
     length = args.context + 3 * cfg.update_block + 8
     slots = args.batch * length
     keys = [

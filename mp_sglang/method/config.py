@@ -16,6 +16,7 @@ from typing import Any
 
 ENV_PREFIX = "MULTIPOLE_"
 ENV_CONFIG_FILE = "MULTIPOLE_CONFIG"
+ENV_CACHE_DIR = "MULTIPOLE_CACHE_DIR"  # where measured tables live (serving.crossover), not a setting
 DECODE_PATHS = ("auto", "kernels", "reference")
 UNINDEXED_DECODES = ("dense", "kernels")
 
@@ -166,7 +167,7 @@ class MultipoleConfig:
                 raise ValueError(f"{ENV_CONFIG_FILE}={path!r} is not a readable JSON file: {err}") from err
         types = {f.name: f.type for f in fields(cls)}
         for key, raw in env.items():
-            if not key.startswith(ENV_PREFIX) or key == ENV_CONFIG_FILE:
+            if not key.startswith(ENV_PREFIX) or key in (ENV_CONFIG_FILE, ENV_CACHE_DIR):
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name not in types:

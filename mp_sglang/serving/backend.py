@@ -40,6 +40,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from mp_sglang.method.config import MultipoleConfig, budget_tokens
 from mp_sglang.method.reference import decode_attention, decode_view
 from mp_sglang.method.rope import Rope
+from mp_sglang.serving import crossover
 from mp_sglang.serving.index import IndexTable
 from mp_sglang.serving.kernel_path import KernelDecoder, MethodRow
 from mp_sglang.serving.plugin import decode_graph_hooks_applied
@@ -84,6 +85,13 @@ class MultipoleAttnBackend(AttentionBackend):
             if self.rope is None:
                 logger.warning("multipole: windowed_rope disabled, keys clustered as stored: %s", why_not)
                 self.cfg = replace(self.cfg, windowed_rope=False)
+        # Measured per-batch crossover (`crossover`): indexes start at its lowest context, and a
+        # decode batch below its own batch size's crossover takes the dense path.
+        self.crossover: crossover.Crossover | None = None
+        if self.cfg.decodes_with_kernels(runner.device) and self.cfg.unindexed_decode == "dense":
+            self.crossover = _measured_crossover(runner)
+            if self.crossover is not None:
+                self.cfg = replace(self.cfg, dense_below=self.crossover.lowest())
         self.table = IndexTable(self.req_to_token_pool.req_to_token.shape[0])
         ROW_SETTINGS.listen()
         self._rows: list[MethodRow] = []
@@ -199,13 +207,22 @@ class MultipoleAttnBackend(AttentionBackend):
             dense_available
             and exact_rows
             and self.cfg.unindexed_decode == "dense"
-            and not any(row.indexed for row in rows)
+            and (not any(row.indexed for row in rows) or self._dense_is_faster(seq_lens))
         )
         if not self.dense_pass:
             self._rows = rows
             self._all_rows_method = mode.is_decode() and len(rows) == len(reqs)
         if self.kernels:
             self.kernels.plan(self._rows, end)
+
+    def _dense_is_faster(self, seq_lens: list[int]) -> bool:
+        """Whether the measured crossover says a DECODE batch of these contexts decodes faster
+        densely: its mean context (padding rows of a CUDA graph left out) is below the crossover
+        of its batch size."""
+        if self.crossover is None:
+            return False
+        real = [n for n in seq_lens if n > 1]
+        return bool(real) and sum(real) < len(real) * self.crossover.context_for(len(real))
 
     def _budget(self, setting: RequestSetting | None, seq_len: int) -> int:
         """A row's exact-token budget: its request's own, else the server's."""
@@ -379,6 +396,35 @@ def _config_from_env() -> MultipoleConfig:
         raise ValueError(
             f"--attention-backend multipole: invalid MULTIPOLE_* settings: {err} (see docs/usage.md)"
         ) from err
+
+
+def _measured_crossover(runner: ModelRunner) -> crossover.Crossover | None:
+    """This GPU's and attention shape's measured crossover table, unless dense_below was set; the
+    log says which table was found, or where none was."""
+    if crossover.explicit_dense_below():
+        logger.info("multipole: MULTIPOLE_DENSE_BELOW set: indexes from that context for every batch size")
+        return None
+    pool = runner.token_to_kv_pool
+    device = str(runner.device)
+    name = torch.cuda.get_device_name(torch.cuda.current_device()) if device.startswith("cuda") else device
+    tp_size = getattr(runner, "tp_size", 1) or 1
+    shape = crossover.AttentionShape(
+        q_heads=runner.model_config.num_attention_heads // tp_size,
+        kv_heads=pool.head_num,
+        head_dim=pool.head_dim,
+        dtype=str(pool.dtype),
+    )
+    table, path = crossover.load(shape, name)
+    if table is None:
+        logger.info(
+            "multipole: no measured crossover at %s; indexes from dense_below for every batch size "
+            "(docs/sglang.md: measuring the crossover)",
+            path,
+        )
+        return None
+    points = ", ".join(f"batch {batch}: {context}" for batch, context in table.points)
+    logger.info("multipole: measured crossover %s (%s): method from these contexts", path, points)
+    return table
 
 
 def _dense_name(setting: str, device: str) -> str:

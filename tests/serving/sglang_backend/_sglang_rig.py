@@ -89,7 +89,12 @@ class Rig:
     ) -> None:
         """`device` holds the pools and tensors; the runner stays "cpu", so the dense path is
         torch_native (device-agnostic) even on a GPU, and the rig needs no full sglang runtime.
-        `heads_q` query heads share the `HEADS_KV` KV heads (GQA; equal counts: MHA)."""
+        `heads_q` query heads share the `HEADS_KV` KV heads (GQA; equal counts: MHA).
+
+        A CPU rig runs where there is no GPU (CI): on a CUDA host sglang writes the KV pool with
+        a CUDA-only op whatever the pool's device, so there the CPU rig skips (its CUDA twins run)."""
+        if device == "cpu" and torch.cuda.is_available():
+            pytest.skip("a CPU rig on a CUDA host: sglang's KV write there is CUDA-only")
         self.device = device
         self.heads_q = heads_q
         self.req_pool = ReqToTokenPool(
@@ -111,7 +116,9 @@ class Rig:
             device="cpu",
             req_to_token_pool=self.req_pool,
             token_to_kv_pool=self.kv_pool,
-            model_config=SimpleNamespace(is_encoder_decoder=False, is_hybrid_swa=False),
+            model_config=SimpleNamespace(
+                is_encoder_decoder=False, is_hybrid_swa=False, num_attention_heads=heads_q
+            ),
             use_mla_backend=False,
             sliding_window_size=None,
             spec_algorithm=SpeculativeAlgorithm.NONE,

@@ -22,6 +22,13 @@ def plugin_loaded() -> None:
         load_plugins()
 
 
+@pytest.fixture(autouse=True)
+def own_crossover_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backends look for measured crossover tables in an empty cache of the test's own, never in
+    the user's (a test that wants one writes it there)."""
+    monkeypatch.setenv("MULTIPOLE_CACHE_DIR", str(tmp_path_factory.mktemp("multipole-cache")))
+
+
 @pytest.fixture
 def published_server_args() -> Iterator[None]:
     """sglang 0.5.17 reads the published server arguments when it builds a RotaryEmbedding."""

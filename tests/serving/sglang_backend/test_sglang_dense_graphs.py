@@ -17,7 +17,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
 
 from mp_sglang.method.reference import dense_attention
-from mp_sglang.serving import dense_graphs
+from mp_sglang.serving import crossover, dense_graphs
 from mp_sglang.serving.plugin import decode_graph_hooks_applied
 
 TOL = 1e-4
@@ -118,3 +118,43 @@ def test_capture_records_each_shape_twice_and_replay_picks_by_the_backends_choic
     rig.backend.dense_graphs = False  # no twins captured: never their label
     rig.backend.dense_pass = True
     assert DecodeCudaGraphRunner._resolve_lora_variant(runner, batch) is None
+
+
+def _measured_table(points: tuple[tuple[int, int], ...]) -> None:
+    """A crossover table for the rig's attention shape on the CPU, in the test's own cache."""
+    from _sglang_rig import DIM, HEADS_KV, HEADS_Q
+
+    shape = crossover.AttentionShape(q_heads=HEADS_Q, kv_heads=HEADS_KV, head_dim=DIM, dtype="torch.float32")
+    crossover.save(crossover.Crossover(points), shape, "cpu", source="test")
+
+
+def test_a_measured_crossover_decides_per_batch(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """With a table for this GPU and shape, indexes start at its lowest crossover, and a DECODE
+    batch takes the dense path while its mean context is below its batch size's crossover, though
+    a row has an index; then the method's. MULTIPOLE_DENSE_BELOW, set, turns the table off."""
+    set_config(monkeypatch, token_budget=0.1, decode_path="kernels")
+    monkeypatch.delenv("MULTIPOLE_DENSE_BELOW")
+    _measured_table(((1, 150), (4, 100)))
+    with caplog.at_level("INFO", logger="mp_sglang.serving.backend"):
+        rig = Rig()
+    assert rig.backend.cfg.dense_below == 100 and "measured crossover" in caplog.text
+    threshold = rig.backend.crossover.context_for(2)
+    assert threshold == 133  # 150 + (100 - 150) / 3, between the measured batch sizes 1 and 4
+    short, longer = rig.new_request(), rig.new_request()
+    rig.forward([(short, 100), (longer, 140)], ForwardMode.EXTEND)
+    seen = set()
+    for _ in range(20):
+        out = rig.forward([(short, 1), (longer, 1)], ForwardMode.DECODE)
+        dense = (short.length + longer.length) / 2 < threshold
+        assert rig.backend.dense_pass == dense
+        assert [row.indexed for row in rig.backend._rows] == ([] if dense else [True, True])
+        seen.add(dense)
+        if dense:
+            for layer in range(LAYERS):
+                exact = dense_attention(out.queries[layer][1], longer.keys[layer], longer.values[layer])
+                assert torch.allclose(out.outputs[layer][1], exact, atol=TOL)
+    assert seen == {True, False}
+
+    set_config(monkeypatch, token_budget=0.1, decode_path="kernels", dense_below=120)
+    fixed = Rig()
+    assert fixed.backend.crossover is None and fixed.backend.cfg.dense_below == 120
