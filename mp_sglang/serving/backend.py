@@ -86,10 +86,11 @@ class MultipoleAttnBackend(AttentionBackend):
                 logger.warning("multipole: windowed_rope disabled, keys clustered as stored: %s", why_not)
                 self.cfg = replace(self.cfg, windowed_rope=False)
         # Measured per-batch crossover (`crossover`): indexes start at its lowest context, and a
-        # decode batch below its own batch size's crossover takes the dense path.
+        # decode batch below its own batch size's crossover takes the dense path. Its settings are
+        # compared as requested (a server that measured it made the same adjustments above).
         self.crossover: crossover.Crossover | None = None
         if self.cfg.decodes_with_kernels(runner.device) and self.cfg.unindexed_decode == "dense":
-            self.crossover = _measured_crossover(runner)
+            self.crossover = _measured_crossover(runner, _config_from_env())
             if self.crossover is not None:
                 self.cfg = replace(self.cfg, dense_below=self.crossover.lowest())
         self.table = IndexTable(self.req_to_token_pool.req_to_token.shape[0])
@@ -398,9 +399,10 @@ def _config_from_env() -> MultipoleConfig:
         ) from err
 
 
-def _measured_crossover(runner: ModelRunner) -> crossover.Crossover | None:
-    """This GPU's and attention shape's measured crossover table, unless dense_below was set; the
-    log says which table was found, or where none was."""
+def _measured_crossover(runner: ModelRunner, cfg: MultipoleConfig) -> crossover.Crossover | None:
+    """This GPU's and attention shape's measured crossover table, unless dense_below was set or
+    the table was measured with other settings; the log says which table was found, or why none
+    is used."""
     if crossover.explicit_dense_below():
         logger.info("multipole: MULTIPOLE_DENSE_BELOW set: indexes from that context for every batch size")
         return None
@@ -420,6 +422,15 @@ def _measured_crossover(runner: ModelRunner) -> crossover.Crossover | None:
             "multipole: no measured crossover at %s; indexes from dense_below for every batch size "
             "(docs/sglang.md: measuring the crossover)",
             path,
+        )
+        return None
+    differences = table.differences(cfg)
+    if differences:
+        logger.warning(
+            "multipole: the crossover at %s was measured with other settings (%s); indexes from "
+            "dense_below for every batch size until it is measured again (docs/sglang.md)",
+            path,
+            ", ".join(differences),
         )
         return None
     points = ", ".join(f"batch {batch}: {context}" for batch, context in table.points)

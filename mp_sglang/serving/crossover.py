@@ -53,9 +53,12 @@ class AttentionShape:
 
 @dataclass(frozen=True)
 class Crossover:
-    """Measured crossovers: `points` are (batch size, context from which the method is faster)."""
+    """Measured crossovers: `points` are (batch size, context from which the method is faster);
+    `settings`, the method's settings they were measured with (`measured_settings`): a budget or
+    cluster size of another server moves them."""
 
     points: tuple[tuple[int, int], ...]
+    settings: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -78,6 +81,22 @@ class Crossover:
     def lowest(self) -> int:
         """The smallest crossover: where indexes must start so that any batch can use them."""
         return min(context for _, context in self.points)
+
+    def differences(self, cfg: MultipoleConfig) -> list[str]:
+        """Settings of `cfg` that differ from those the table was measured with (none: it applies)."""
+        own = dict(measured_settings(cfg))
+        return [
+            f"{name}={own.get(name)!r} (measured: {value!r})"
+            for name, value in self.settings
+            if own.get(name) != value
+        ]
+
+
+def measured_settings(cfg: MultipoleConfig) -> tuple[tuple[str, object], ...]:
+    """The settings that move a crossover: all of them but dense_below (what the table replaces)
+    and those that only choose how the same work runs or is seeded."""
+    ignored = {"dense_below", "seed", "decode_path", "dense_backend", "index_capacity", "max_request_budget"}
+    return tuple(sorted((k, v) for k, v in cfg.to_dict().items() if k not in ignored))
 
 
 def from_buckets(
@@ -120,7 +139,13 @@ def save(
     """Write the table for `shape` on `device`; `source` says what measured it."""
     path = (folder or cache_dir()) / f"{shape.key(device)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"device": device, "shape": shape.__dict__, "points": crossover.points, "source": source}
+    record = {
+        "device": device,
+        "shape": shape.__dict__,
+        "points": crossover.points,
+        "settings": dict(crossover.settings),
+        "source": source,
+    }
     path.write_text(json.dumps(record, indent=1))
     return path
 
@@ -130,8 +155,9 @@ def load(shape: AttentionShape, device: str, folder: Path | None = None) -> tupl
     path = (folder or cache_dir()) / f"{shape.key(device)}.json"
     if not path.is_file():
         return None, path
-    points = json.loads(path.read_text())["points"]
-    return Crossover(tuple((int(batch), int(context)) for batch, context in points)), path
+    record = json.loads(path.read_text())
+    points = tuple((int(batch), int(context)) for batch, context in record["points"])
+    return Crossover(points, tuple(sorted(record.get("settings", {}).items()))), path
 
 
 def explicit_dense_below(environ: Mapping[str, str] | None = None) -> bool:
@@ -161,21 +187,19 @@ def from_bench(result: dict) -> tuple[Crossover, AttentionShape, str]:
         }
 
     method = method_labels[0]
-    indexed_from = _dense_below_of(method)
+    cfg = MultipoleConfig.from_env(_environment_of(method))
     table = from_buckets(
-        buckets(labels[0]), buckets(method), int(result["args"]["bucket_tokens"]), method_from=indexed_from
+        buckets(labels[0]), buckets(method), int(result["args"]["bucket_tokens"]), method_from=cfg.dense_below
     )
+    table = Crossover(table.points, measured_settings(cfg))
     shape = AttentionShape(**result["attention_shape"])
     return table, shape, result["device"]
 
 
-def _dense_below_of(label: str) -> int:
-    """The dense_below a bench backend label ("[VAR=VALUE ...] multipole [flags]") ran with."""
-    for word in label.split():
-        name, sep, value = word.partition("=")
-        if sep and name == OVERRIDE_ENV:
-            return int(value)
-    return MultipoleConfig().dense_below
+def _environment_of(label: str) -> dict[str, str]:
+    """The MULTIPOLE_* variables of a bench backend label ("[VAR=VALUE ...] multipole [flags]")."""
+    pairs = (word.partition("=") for word in label.split() if not word.startswith("-"))
+    return {name: value for name, sep, value in pairs if sep and name.startswith("MULTIPOLE_")}
 
 
 def main(argv: list[str] | None = None) -> int:

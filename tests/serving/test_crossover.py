@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mp_sglang.method.config import MultipoleConfig
 from mp_sglang.serving import crossover
 from mp_sglang.serving.crossover import AttentionShape, Crossover, from_buckets
 
@@ -64,7 +65,8 @@ def _bench_row(backend: str, batch: int, buckets: dict[int, float]) -> dict:
 def test_a_bench_e2e_result_becomes_the_cached_table(tmp_path: Path, capsys) -> None:
     """The CLI over a bench_e2e.py JSON: the first backend is the dense one; the multipole one
     indexed from 1K (its label's MULTIPOLE_DENSE_BELOW)."""
-    dense, method = "flashinfer --cuda-graph-max-bs 32", "MULTIPOLE_DENSE_BELOW=1024 multipole"
+    dense = "flashinfer --cuda-graph-max-bs 32"
+    method = "MULTIPOLE_DENSE_BELOW=1024 MULTIPOLE_TOKEN_BUDGET=0.05 multipole --cuda-graph-max-bs 32"
     result = {
         "args": {"bucket_tokens": K},
         "device": "NVIDIA H100 80GB HBM3",
@@ -84,6 +86,9 @@ def test_a_bench_e2e_result_becomes_the_cached_table(tmp_path: Path, capsys) -> 
     )
     assert table is not None and table.points == ((1, 4 * K), (32, 2 * K))
     assert str(path) in capsys.readouterr().out
+    # It was measured at a 5 % budget: it applies to a server of that budget, not of the default.
+    assert table.differences(MultipoleConfig(token_budget=0.05, dense_below=1)) == []
+    assert table.differences(MultipoleConfig()) == ["token_budget=0.02 (measured: 0.05)"]
     result["rows"] = [row for row in result["rows"] if row["backend"] == dense]
     bench.write_text(json.dumps(result))
     with pytest.raises(ValueError, match="multipole backend"):
@@ -92,6 +97,4 @@ def test_a_bench_e2e_result_becomes_the_cached_table(tmp_path: Path, capsys) -> 
 
 def test_the_cache_folder_variable_is_not_a_method_setting() -> None:
     """Every MULTIPOLE_* variable is a setting and a typo stops start-up; the cache folder is not one."""
-    from mp_sglang.method.config import MultipoleConfig
-
     assert MultipoleConfig.from_env({crossover.CACHE_ENV: "/tmp/cache"}) == MultipoleConfig()

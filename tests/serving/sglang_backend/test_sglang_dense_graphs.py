@@ -5,6 +5,7 @@ forward the graph recorded) and the hooks run against sglang's own graph runner 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from _sglang_rig import LAYERS, Rig, set_config
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
 
+from mp_sglang.method.config import MultipoleConfig
 from mp_sglang.method.reference import dense_attention
 from mp_sglang.serving import crossover, dense_graphs
 from mp_sglang.serving.plugin import decode_graph_hooks_applied
@@ -120,18 +122,21 @@ def test_capture_records_each_shape_twice_and_replay_picks_by_the_backends_choic
     assert DecodeCudaGraphRunner._resolve_lora_variant(runner, batch) is None
 
 
-def _measured_table(points: tuple[tuple[int, int], ...]) -> None:
-    """A crossover table for the rig's attention shape on the CPU, in the test's own cache."""
+def _measured_table(points: tuple[tuple[int, int], ...], **settings: object) -> None:
+    """A crossover table for the rig's attention shape on the CPU, in the test's own cache,
+    measured with the settings in the environment (and `settings` over them)."""
     from _sglang_rig import DIM, HEADS_KV, HEADS_Q
 
     shape = crossover.AttentionShape(q_heads=HEADS_Q, kv_heads=HEADS_KV, head_dim=DIM, dtype="torch.float32")
-    crossover.save(crossover.Crossover(points), shape, "cpu", source="test")
+    measured = crossover.measured_settings(replace(MultipoleConfig.from_env(), **settings))
+    crossover.save(crossover.Crossover(points, measured), shape, "cpu", source="test")
 
 
 def test_a_measured_crossover_decides_per_batch(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     """With a table for this GPU and shape, indexes start at its lowest crossover, and a DECODE
     batch takes the dense path while its mean context is below its batch size's crossover, though
-    a row has an index; then the method's. MULTIPOLE_DENSE_BELOW, set, turns the table off."""
+    a row has an index; then the method's. MULTIPOLE_DENSE_BELOW, set, turns the table off, and
+    a table measured with another budget is not used."""
     set_config(monkeypatch, token_budget=0.1, decode_path="kernels")
     monkeypatch.delenv("MULTIPOLE_DENSE_BELOW")
     _measured_table(((1, 150), (4, 100)))
@@ -158,3 +163,10 @@ def test_a_measured_crossover_decides_per_batch(monkeypatch: pytest.MonkeyPatch,
     set_config(monkeypatch, token_budget=0.1, decode_path="kernels", dense_below=120)
     fixed = Rig()
     assert fixed.backend.crossover is None and fixed.backend.cfg.dense_below == 120
+
+    monkeypatch.delenv("MULTIPOLE_DENSE_BELOW")
+    _measured_table(((1, 150), (4, 100)), token_budget=0.05)
+    with caplog.at_level("WARNING", logger="mp_sglang.serving.backend"):
+        other = Rig()
+    assert other.backend.crossover is None and other.backend.cfg.dense_below == 4096
+    assert "token_budget=0.1 (measured: 0.05)" in caplog.text
