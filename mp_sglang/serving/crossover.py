@@ -29,10 +29,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mp_sglang.method.config import ENV_CACHE_DIR, ENV_CONFIG_FILE, MultipoleConfig
+from mp_sglang.method.config import ENV_CACHE_DIR, ENV_CONFIG_FILE, ENV_PREFIX, MultipoleConfig
 
-CACHE_ENV = ENV_CACHE_DIR
-OVERRIDE_ENV = "MULTIPOLE_DENSE_BELOW"
+OVERRIDE_ENV = f"{ENV_PREFIX}DENSE_BELOW"
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ def from_buckets(
 
 def cache_dir() -> Path:
     """Where tables live: $MULTIPOLE_CACHE_DIR, else ~/.cache/multipole."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "multipole") / "crossover"
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "multipole") / "crossover"
 
 
 def save(
@@ -205,7 +204,7 @@ def _environment_of(label: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write the measured crossover table of a bench_e2e.py run.")
     ap.add_argument("bench_json", type=Path, help="bench_e2e.py --out file: a dense and a multipole server")
-    ap.add_argument("--cache-dir", type=Path, help=f"default: ${CACHE_ENV} or ~/.cache/multipole")
+    ap.add_argument("--cache-dir", type=Path, help=f"default: ${ENV_CACHE_DIR} or ~/.cache/multipole")
     args = ap.parse_args(argv)
     table, shape, device = from_bench(json.loads(args.bench_json.read_text()))
     folder = args.cache_dir / "crossover" if args.cache_dir else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mp_sglang.method.config import MultipoleConfig
+from mp_sglang.method.config import ENV_CACHE_DIR, MultipoleConfig
 from mp_sglang.serving import crossover
 from mp_sglang.serving.crossover import AttentionShape, Crossover, from_buckets
 
@@ -38,7 +38,7 @@ def test_batch_sizes_between_measured_ones_are_interpolated() -> None:
 
 
 def test_tables_are_cached_per_gpu_and_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(crossover.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path))
     table = Crossover(((1, 9000), (32, 1500)))
     path = crossover.save(table, SHAPE, "NVIDIA H100 80GB HBM3", source="run 1")
     assert path == tmp_path / "crossover" / "nvidia-h100-80gb-hbm3-q32-kv8-d128-bfloat16.json"
@@ -97,4 +97,4 @@ def test_a_bench_e2e_result_becomes_the_cached_table(tmp_path: Path, capsys) -> 
 
 def test_the_cache_folder_variable_is_not_a_method_setting() -> None:
     """Every MULTIPOLE_* variable is a setting and a typo stops start-up; the cache folder is not one."""
-    assert MultipoleConfig.from_env({crossover.CACHE_ENV: "/tmp/cache"}) == MultipoleConfig()
+    assert MultipoleConfig.from_env({ENV_CACHE_DIR: "/tmp/cache"}) == MultipoleConfig()
